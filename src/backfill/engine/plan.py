@@ -1,0 +1,209 @@
+"""Plan: check a JobSpec against the real input and environment before anything is sent.
+
+Everything that can fail before spending money fails here, with one sentence naming
+what to fix: the input, the id column, the template against the columns and the first
+rows, the model's price, the API key, the schema, the output location.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from backfill.cost import Price, PriceTable
+from backfill.errors import BackfillError, SpecError
+from backfill.io import Source, check_id_column, check_writable, open_source, output_fields
+from backfill.prompt import PromptTemplate, check_columns
+from backfill.request import Request
+from backfill.spec import JobSpec
+from backfill.tokens import count_messages, count_text
+
+STATUS_COLUMNS = ("status", "error", "input_tokens", "output_tokens", "cost_usd")
+DEFAULT_MAX_TOKENS = {"anthropic": 1024}
+# What the sim and OpenAI count against tokens/min when a chat request sets no max_tokens.
+UNSET_MAX_TOKENS_RESERVE = 4096
+
+
+@dataclass
+class Plan:
+    """A checked job: the spec plus what was resolved from it. Holds the API key in memory only."""
+
+    spec: JobSpec
+    source: Source
+    template: PromptTemplate
+    prices: PriceTable
+    price: Price | None
+    api_key: str | None
+    output_schema: pa.Schema
+    id_column: str | None
+    rows_total: int
+    job_id: str
+    input_fingerprint: str
+
+    @property
+    def chunks_total(self) -> int:
+        return -(-self.rows_total // self.spec.chunk_size)
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.spec.task.kind == "embedding"
+
+    @property
+    def id_name(self) -> str:
+        return self.id_column or "row_id"
+
+    @property
+    def answer_fields(self) -> list[pa.Field]:
+        schema = self.spec.task.schema_
+        if schema is not None:
+            return output_fields(schema)
+        if self.is_embedding:
+            return [pa.field("embedding", pa.list_(pa.float32()))]
+        return [pa.field("output", pa.string())]
+
+    def build_request(self, row: dict[str, Any]) -> Request:
+        """Render one row into its request; the request key hashes everything that affects the answer."""
+        task = self.spec.task
+        params = dict(task.params)
+        if task.provider == "anthropic" and "max_tokens" not in params:
+            params["max_tokens"] = DEFAULT_MAX_TOKENS["anthropic"]
+        if self.is_embedding:
+            text = self.template.render_text(row)
+            body: Any = text
+            prompt_tokens = count_text(text, task.model)
+            max_out = 0
+            messages = None
+        else:
+            messages = self.template.render(row)
+            body = messages
+            prompt_tokens = count_messages(messages, task.model)
+            max_out = int(params.get("max_tokens") or params.get("max_completion_tokens") or UNSET_MAX_TOKENS_RESERVE)
+            text = None
+        key = request_key(task.provider, task.model, body, params, task.schema_)
+        return Request(
+            key=key,
+            kind=task.kind,
+            model=task.model,
+            messages=messages,
+            input=text,
+            params=params,
+            schema=task.schema_,
+            schema_name=task.schema_name,
+            prompt_tokens=prompt_tokens,
+            max_output_tokens=max_out,
+        )
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        if self.price is None:
+            return 0.0
+        return self.prices.cost(self.spec.task.model, input_tokens, output_tokens, cached_tokens)
+
+
+def request_key(provider: str, model: str, body: Any, params: dict[str, Any], schema: dict[str, Any] | None) -> str:
+    # The simulator speaks OpenAI's protocol, so its answers are keyed like OpenAI's would be
+    # only if it is the same service; keeping the provider in the key keeps them apart.
+    blob = json.dumps([provider, model, body, params, schema], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def make_plan(spec: JobSpec, data: Any = None) -> Plan:
+    """Check `spec` (and the in-memory `data`, when given instead of a path) and resolve it into a Plan."""
+    task = spec.task
+    if data is None and not spec.input.path:
+        raise SpecError("Job spec field 'input.path': no input given; pass --input FILE or a frame.")
+    source = open_source(data if data is not None else spec.input.path, format=spec.input.format)
+    if spec.input.id_column:
+        check_id_column(source, spec.input.id_column)
+    template = PromptTemplate(prompt=task.prompt, system=task.system, messages=task.messages)
+    check_columns(template, source.columns)
+    _check_output_columns(spec, source)
+    prices = PriceTable.builtin().with_overrides({m: p.model_dump() for m, p in spec.prices.items()})
+    price = prices.get(task.model)
+    if price is None and task.provider in ("openai", "azure", "anthropic") and not task.base_url:
+        raise SpecError(
+            f"Model '{task.model}' has no known price; check the name or add [prices.\"{task.model}\"]"
+            " with input and output (USD per 1M tokens) to the job file."
+        )
+    api_key = _api_key(spec)
+    if spec.output.path:
+        check_writable(spec.output.path, spec.output.format)
+    rows_total = source.num_rows()
+    fingerprint = source.fingerprint()
+    plan = Plan(
+        spec=spec,
+        source=source,
+        template=template,
+        prices=prices,
+        price=price,
+        api_key=api_key,
+        output_schema=pa.schema([]),
+        id_column=spec.input.id_column,
+        rows_total=rows_total if rows_total is not None else _count_rows(source),
+        job_id=spec.job_id(fingerprint),
+        input_fingerprint=fingerprint,
+    )
+    plan.output_schema = _output_schema(plan)
+    _check_first_rows(plan)
+    return plan
+
+
+def _api_key(spec: JobSpec) -> str | None:
+    task = spec.task
+    if task.provider == "sim":
+        return "sim"
+    env = task.key_env
+    key = os.environ.get(env) if env else None
+    if key:
+        return key
+    if task.provider == "openai" and task.base_url:
+        return None  # self-hosted OpenAI-compatible servers usually take no key
+    raise SpecError(
+        f"The API key variable {env} is not set; export it, or name another one with --api-key-env."
+    )
+
+
+def _check_output_columns(spec: JobSpec, source: Source) -> None:
+    missing = [c for c in spec.output.columns if c not in source.columns]
+    if missing:
+        raise SpecError(
+            f"Job spec field 'output.columns': column(s) {', '.join(missing)} are not in the input"
+            f" (it has {', '.join(source.columns)})."
+        )
+
+
+def _output_schema(plan: Plan) -> pa.Schema:
+    src = plan.source.schema
+    fields: list[pa.Field] = [src.field(plan.id_column) if plan.id_column else pa.field("row_id", pa.int64())]
+    fields += [src.field(c) for c in plan.spec.output.columns if c != plan.id_column]
+    fields += plan.answer_fields
+    fields += [
+        pa.field("status", pa.string()),
+        pa.field("error", pa.string()),
+        pa.field("input_tokens", pa.int64()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+    ]
+    names = [f.name for f in fields]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SpecError(
+            f"Output column(s) {', '.join(dupes)} would appear twice; rename the schema field or drop it from output.columns."
+        )
+    return pa.schema(fields)
+
+
+def _check_first_rows(plan: Plan, n: int = 5) -> None:
+    for i, row in enumerate(plan.source.head(n)):
+        try:
+            plan.build_request(row)
+        except BackfillError as e:
+            raise SpecError(f"The template fails on row {i}: {e}") from None
+
+
+def _count_rows(source: Source) -> int:
+    return sum(b.num_rows for b in source.batches(65536))

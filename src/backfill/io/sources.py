@@ -1,0 +1,535 @@
+"""Sources: stream an input table (Parquet, CSV, JSONL file or an in-memory frame) in Arrow batches.
+
+Memory stays bounded by the batch and block size, never by the input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.ipc as ipc
+import pyarrow.json as pjson
+import pyarrow.parquet as pq
+
+from backfill.errors import SpecError
+
+FORMATS = ("parquet", "csv", "tsv", "jsonl")
+_FORMAT_NAMES = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+_FORMAT_HINT = "use --input-format parquet|csv|jsonl"
+# Bytes parsed at a time from text files: large enough for fast parsing, small enough to bound memory.
+_TEXT_BLOCK = 4 << 20
+_HASH_BATCH = 65536
+
+
+@runtime_checkable
+class Source(Protocol):
+    """An input table that can be streamed more than once (plan, run, resume)."""
+
+    @property
+    def columns(self) -> list[str]: ...
+
+    @property
+    def schema(self) -> pa.Schema: ...
+
+    def num_rows(self) -> int | None: ...
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]: ...
+
+    def head(self, n: int) -> list[dict[str, Any]]: ...
+
+    def fingerprint(self) -> str: ...
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordBatch]:
+    """Re-cut a stream of batches into batches of exactly `size` rows (the last may be shorter)."""
+    if size < 1:
+        raise ValueError("batch_size must be at least 1")
+    pending: list[pa.RecordBatch] = []
+    n = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(size - n, batch.num_rows)
+            pending.append(batch.slice(0, take))
+            n += take
+            batch = batch.slice(take)
+            if n == size:
+                yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+                pending, n = [], 0
+    if n:
+        yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+
+
+def _head(source: Source, n: int) -> list[dict[str, Any]]:
+    if n <= 0:
+        return []
+    for batch in source.batches(n):
+        return batch.to_pylist()
+    return []
+
+
+class _FileSource:
+    """What all file sources share: the path, and a fingerprint from path, size and mtime."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fingerprint(self) -> str:
+        st = self.path.stat()
+        ident = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        return _head(self, n)  # type: ignore[arg-type]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.schema.names)  # type: ignore[attr-defined]
+
+
+class ParquetSource(_FileSource):
+    """A Parquet file: row count and schema from its metadata, batches read row group by row group."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        try:
+            with pq.ParquetFile(path) as pf:
+                self._schema = pf.schema_arrow
+                self._num_rows = pf.metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise SpecError(f"Cannot read '{path}' as Parquet ({e}); {_FORMAT_HINT}.") from None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        with pq.ParquetFile(self.path) as pf:
+            yield from rebatch(pf.iter_batches(batch_size=batch_size), batch_size)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column, read without the others."""
+        return pq.read_table(self.path, columns=[name]).column(0)
+
+
+_CSV_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
+
+
+class CsvSource(_FileSource):
+    """A CSV/TSV file, parsed block by block.
+
+    Column types are inferred from the first block; a first full pass (which also counts
+    the rows) widens any column whose later values do not fit (int → float → string), so
+    types never change half-way through a run. Dates and times stay text, as written.
+    """
+
+    def __init__(self, path: Path, delimiter: str = ","):
+        super().__init__(path)
+        self._parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
+        self._read = pcsv.ReadOptions(block_size=_TEXT_BLOCK)
+        self._types: dict[str, pa.DataType] | None = None
+        self._num_rows: int | None = None
+        self._first_schema = self._open(None).schema
+
+    def _open(self, types: dict[str, pa.DataType] | None) -> pcsv.CSVStreamingReader:
+        convert = pcsv.ConvertOptions(column_types=types or {}, timestamp_parsers=[])
+        try:
+            return pcsv.open_csv(
+                pa.input_stream(str(self.path), compression="detect"),
+                read_options=self._read,
+                parse_options=self._parse,
+                convert_options=convert,
+            )
+        except pa.ArrowInvalid as e:
+            if "Empty CSV file" in str(e):
+                raise SpecError(f"Input file '{self.path}' is empty; a CSV needs at least a header line.") from None
+            raise SpecError(f"Cannot read '{self.path}' as CSV ({e}); {_FORMAT_HINT}.") from None
+        except OSError as e:
+            raise SpecError(f"Cannot read '{self.path}' ({e}).") from None
+
+    def _scan(self) -> None:
+        # Temporal types would re-format the user's text ("2020-01-01" → "2020-01-01 00:00:00").
+        types = {f.name: pa.string() for f in self._first_schema if pa.types.is_temporal(f.type) or pa.types.is_null(f.type)}
+        while True:
+            reader = self._open(types)
+            names = reader.schema.names
+            try:
+                self._num_rows = sum(b.num_rows for b in reader)
+            except pa.ArrowInvalid as e:
+                m = _CSV_CONVERSION.search(str(e))
+                if not m:
+                    raise SpecError(f"Cannot read '{self.path}' as CSV ({e}).") from None
+                name = names[int(m.group(1))]
+                types[name] = pa.float64() if m.group(2) == "int64" else pa.string()
+                continue
+            self._types = types
+            self._schema = reader.schema
+            return
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self._types is None:
+            self._scan()
+        return self._schema
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._first_schema.names)
+
+    def num_rows(self) -> int:
+        if self._num_rows is None:
+            self._scan()
+        assert self._num_rows is not None
+        return self._num_rows
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        if self._types is None:
+            self._scan()
+        yield from rebatch(self._open(self._types), batch_size)
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One column, parsed without converting the others."""
+        if self._types is None:
+            self._scan()
+        assert self._types is not None
+        convert = pcsv.ConvertOptions(column_types=self._types, include_columns=[name], timestamp_parsers=[])
+        stream = pa.input_stream(str(self.path), compression="detect")
+        table = pcsv.read_csv(stream, read_options=self._read, parse_options=self._parse, convert_options=convert)
+        return table.column(0)
+
+
+def _text_to_string(t: pa.DataType) -> pa.DataType:
+    """Timestamps inferred from JSON strings go back to the text the user wrote."""
+    if pa.types.is_temporal(t):
+        return pa.string()
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_text_to_string(f.type)) for f in t])
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(t.value_field.with_type(_text_to_string(t.value_type)))
+    return t
+
+
+def _merge_types(name: str, a: pa.DataType, b: pa.DataType, where: str) -> pa.DataType:
+    if a == b:
+        return a
+    try:
+        merged = pa.unify_schemas([pa.schema([(name, a)]), pa.schema([(name, b)])], promote_options="permissive")
+        return merged.field(name).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        raise SpecError(
+            f"JSONL field '{name}' holds values of different types ({a} and {b}, {where}); "
+            "make them one type or convert the file to Parquet."
+        ) from None
+
+
+@dataclass
+class _Block:
+    data: bytes
+    first_line: int  # 1-based line number of the block's first line, for error messages
+
+
+class JsonlSource(_FileSource):
+    """A JSON Lines file, read in line-aligned blocks that pyarrow parses.
+
+    The first full pass counts the rows and unifies the types every block infers (new
+    fields, int → float), so every batch has the same schema.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self._schema: pa.Schema | None = None
+        self._num_rows: int | None = None
+        try:
+            with pa.input_stream(str(path), compression="detect") as f:
+                f.read(1)
+        except OSError as e:
+            raise SpecError(f"Cannot read '{path}' ({e}).") from None
+
+    def _blocks(self) -> Iterator[_Block]:
+        line = 1
+        rest = b""
+        with pa.input_stream(str(self.path), compression="detect") as f:
+            while True:
+                chunk = f.read(_TEXT_BLOCK)
+                buf = rest + chunk
+                if not chunk:
+                    if buf.strip():
+                        yield _Block(buf + b"\n", line)
+                    return
+                cut = buf.rfind(b"\n") + 1
+                if cut == 0:
+                    rest = buf  # one line longer than a block: keep reading
+                    continue
+                block, rest = buf[:cut], buf[cut:]
+                if not block.isspace():
+                    yield _Block(block, line)
+                line += block.count(b"\n")
+
+    def _parse(self, block: _Block, schema: pa.Schema | None) -> pa.Table:
+        read = pjson.ReadOptions(block_size=max(len(block.data), 1 << 16))
+        parse = pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore" if schema else "infer")
+        try:
+            return pjson.read_json(pa.BufferReader(block.data), read_options=read, parse_options=parse)
+        except pa.ArrowInvalid as e:
+            raise SpecError(
+                f"Cannot read '{self.path}' as JSON Lines near line {block.first_line} ({e}); "
+                f"each line must be one JSON object, or {_FORMAT_HINT}."
+            ) from None
+
+    def _scan(self) -> None:
+        fields: dict[str, pa.DataType] = {}
+        rows = 0
+        for block in self._blocks():
+            table = self._parse(block, None)
+            rows += table.num_rows
+            for f in table.schema:
+                t = _text_to_string(f.type)
+                where = f"near line {block.first_line}"
+                fields[f.name] = _merge_types(f.name, fields[f.name], t, where) if f.name in fields else t
+        self._schema = pa.schema(list(fields.items()))
+        self._num_rows = rows
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self._schema is None:
+            self._scan()
+        assert self._schema is not None
+        return self._schema
+
+    def num_rows(self) -> int:
+        if self._num_rows is None:
+            self._scan()
+        assert self._num_rows is not None
+        return self._num_rows
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        schema = self.schema
+        if not schema.names:
+            return
+        tables = (self._parse(block, schema) for block in self._blocks())
+        yield from rebatch((b for t in tables for b in t.to_batches()), batch_size)
+
+
+class _HashWriter:
+    """A write-only file that hashes what is written (and optionally also stores it)."""
+
+    def __init__(self, sink: Any = None):
+        self.hash = hashlib.sha256()
+        self.sink = sink
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.hash.update(view)
+        if self.sink is not None:
+            self.sink.write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _content_hash(schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> str:
+    """Hash the data, not its layout: batches are re-cut to a fixed size before serialising."""
+    out = _HashWriter()
+    with ipc.new_stream(pa.PythonFile(out, mode="w"), schema) as writer:
+        for batch in rebatch(batches, _HASH_BATCH):
+            writer.write_batch(batch)
+    return out.hash.hexdigest()[:32]
+
+
+class ArrowSource:
+    """An in-memory Arrow table (also what pandas and polars frames become)."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table.replace_schema_metadata(None)
+        self._fingerprint: str | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.table.schema.names)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self.table.schema
+
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        yield from rebatch(self.table.to_batches(), batch_size)
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        return self.table.slice(0, max(n, 0)).to_pylist()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = _content_hash(self.schema, self.table.to_batches())
+        return self._fingerprint
+
+    def column(self, name: str) -> pa.ChunkedArray:
+        return self.table.column(name)
+
+
+class SpooledSource:
+    """A one-shot RecordBatchReader, spooled to a temporary Arrow file so it can be read again.
+
+    The file is memory-mapped, so reading it does not hold the input in process memory;
+    it is deleted when the source is garbage-collected.
+    """
+
+    def __init__(self, reader: pa.RecordBatchReader):
+        fd, name = tempfile.mkstemp(prefix="backfill-spool-", suffix=".arrow")
+        self.path = Path(name)
+        weakref.finalize(self, os.unlink, name)
+        schema = reader.schema.remove_metadata()
+        with os.fdopen(fd, "wb") as f:
+            out = _HashWriter(f)
+            stream = pa.PythonFile(out, mode="w")
+            with ipc.new_file(stream, schema) as writer:
+                for batch in rebatch(reader, _HASH_BATCH):
+                    writer.write_batch(batch.replace_schema_metadata(None))
+        self._fingerprint = out.hash.hexdigest()[:32]
+        self._schema = schema
+        with pa.memory_map(name) as m:
+            r = ipc.open_file(m)
+            self._num_rows = sum(r.get_batch(i).num_rows for i in range(r.num_record_batches))
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self._schema.names)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._schema
+
+    def num_rows(self) -> int:
+        return self._num_rows
+
+    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+        with pa.memory_map(str(self.path)) as m:
+            r = ipc.open_file(m)
+            yield from rebatch((r.get_batch(i) for i in range(r.num_record_batches)), batch_size)
+
+    def head(self, n: int) -> list[dict[str, Any]]:
+        return _head(self, n)
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+
+def _file_format(path: Path, format: str | None) -> str:
+    if format is not None:
+        fmt = _FORMAT_NAMES.get(format.lower().lstrip("."))
+        if fmt is None:
+            raise SpecError(f"Unknown input format '{format}'; {_FORMAT_HINT}.")
+        return fmt
+    name = path.name.lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        name = name.removesuffix(suffix)
+    ext = name.rpartition(".")[2] if "." in name else ""
+    fmt = _FORMAT_NAMES.get(ext)
+    if fmt is None:
+        raise SpecError(f"Cannot tell the format of '{path}' from its extension; {_FORMAT_HINT}.")
+    return fmt
+
+
+def _frame_table(data: Any) -> pa.Table | None:
+    """An in-memory frame as an Arrow table, or None when `data` is not a frame."""
+    module = type(data).__module__.split(".")[0]
+    try:
+        if module == "pandas":
+            import pandas as pd
+
+            if isinstance(data, pd.DataFrame):
+                return pa.Table.from_pandas(data, preserve_index=False)
+        if module == "polars":
+            import polars as pl
+
+            if isinstance(data, pl.LazyFrame):
+                data = data.collect()
+            if isinstance(data, pl.DataFrame):
+                return data.to_arrow()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise SpecError(f"Cannot convert the frame to Arrow ({e}); give each column a single type.") from None
+    return None
+
+
+def open_source(data: Any, *, format: str | None = None) -> Source:
+    """Open a file path (Parquet, CSV, TSV, JSONL; optionally compressed) or an in-memory frame as a Source."""
+    if isinstance(data, pa.Table):
+        return ArrowSource(data)
+    if isinstance(data, Source):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return ArrowSource(pa.Table.from_batches([data]))
+    if isinstance(data, pa.RecordBatchReader):
+        return SpooledSource(data)
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise SpecError(f"Input file '{path}' does not exist; check the path.")
+        if path.is_dir():
+            raise SpecError(f"Input '{path}' is a directory; give one file.")
+        if not os.access(path, os.R_OK):
+            raise SpecError(f"Input file '{path}' is not readable; check its permissions.")
+        fmt = _file_format(path, format)
+        if fmt == "parquet":
+            return ParquetSource(path)
+        if fmt in ("csv", "tsv"):
+            return CsvSource(path, delimiter="\t" if fmt == "tsv" else ",")
+        return JsonlSource(path)
+    table = _frame_table(data)
+    if table is not None:
+        return ArrowSource(table)
+    raise SpecError(
+        f"Cannot read input of type {type(data).__name__}; give a file path, a pandas or polars DataFrame, "
+        "or a pyarrow Table or RecordBatchReader."
+    )
+
+
+def _id_values(source: Source, column: str) -> pa.ChunkedArray:
+    column_reader = getattr(source, "column", None)
+    if column_reader is not None:
+        return column_reader(column)
+    return pa.chunked_array([b.column(column) for b in source.batches(65536)], type=source.schema.field(column).type)
+
+
+def check_id_column(source: Source, column: str) -> None:
+    """Raise SpecError unless `column` exists, has no nulls and no duplicates.
+
+    Reads only that column; memory grows with the id column alone (about 8 bytes a row
+    for integer ids), never with the other columns.
+    """
+    if column not in source.columns:
+        raise SpecError(f"The id column '{column}' is not in the input; it has {', '.join(source.columns)}.")
+    ids = _id_values(source, column)
+    if ids.null_count:
+        raise SpecError(f"The id column '{column}' has {ids.null_count} empty value(s); every row needs an id.")
+    if not len(ids):
+        return
+    counts = ids.value_counts()
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dupes):
+        examples = ", ".join(repr(v) for v in dupes.field("values")[:3].to_pylist())
+        raise SpecError(
+            f"The id column '{column}' has {len(dupes)} duplicated value(s) (e.g. {examples}); row ids must be unique."
+        )

@@ -1,0 +1,176 @@
+"""Prompt templates: render a row into chat messages with a sandboxed Jinja2 engine.
+
+A user's template sees the row's values and nothing else: no Python attributes, no
+mutation, no huge repetitions. Templates compile once; rendering is on the per-row path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import operator
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jinja2
+from jinja2 import meta
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from backfill.errors import BackfillError, SpecError
+
+ROLES = ("system", "developer", "user", "assistant")
+# The whole row as one mapping, for columns whose names are not identifiers ({{ row["first name"] }}).
+ROW_VARIABLE = "row"
+# Caps on what one expression may build; a prompt needs nothing near these.
+_MAX_REPEAT = 1_000_000
+_MAX_EXPONENT = 1_000
+
+
+class PromptError(BackfillError):
+    """A template failed on one row; the engine dead-letters that row."""
+
+
+def _tojson(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus limits on `*` and `**` so one expression cannot exhaust memory or CPU."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator_: str, left: Any, right: Any) -> Any:
+        if operator_ == "**":
+            if isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
+                raise SecurityError(f"the exponent {right} is too large")
+            return operator.pow(left, right)
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                raise SecurityError("the repeated value would be too large")
+        return operator.mul(left, right)
+
+
+def _environment() -> _Environment:
+    env = _Environment(
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        finalize=lambda v: "" if v is None else v,  # a null cell renders as nothing, not "None"
+    )
+    env.filters["tojson"] = _tojson  # Jinja's own escapes <, > and & for HTML
+    del env.globals["lipsum"]  # generates text of any requested size
+    return env
+
+
+_ENV = _environment()
+
+
+def _compile(source: str, where: str) -> tuple[jinja2.Template, frozenset[str]]:
+    try:
+        ast = _ENV.parse(source)
+        template = _ENV.from_string(ast)
+    except jinja2.TemplateSyntaxError as e:
+        raise SpecError(f"The {where} template has a syntax error on line {e.lineno}: {e.message}.") from None
+    return template, frozenset(meta.find_undeclared_variables(ast))
+
+
+class PromptTemplate:
+    """Either `prompt` (the user message, with an optional `system` message) or a full `messages` list.
+
+    Every message content is a template over the row's columns; a column can also be
+    reached as row["name"]. Null values render as empty text.
+    """
+
+    def __init__(
+        self,
+        *,
+        prompt: str | None = None,
+        system: str | None = None,
+        messages: list[dict[str, Any]] | None = None,
+    ):
+        if (prompt is None) == (messages is None):
+            raise SpecError("Give either a prompt or a messages list, not both and not neither.")
+        if messages is not None and system is not None:
+            raise SpecError("A system prompt goes inside the messages list when messages are given.")
+        if prompt is not None:
+            messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            names = (["system"] if system is not None else []) + ["prompt"]
+        else:
+            assert messages is not None
+            if not messages:
+                raise SpecError("The messages list is empty; give at least one user message.")
+            names = [f"messages[{i}]" for i in range(len(messages))]
+        self._messages: list[tuple[str, jinja2.Template]] = []
+        variables: set[str] = set()
+        for name, message in zip(names, messages):
+            role, content = _check_message(message, name)
+            template, used = _compile(content, name)
+            self._messages.append((role, template))
+            variables |= used
+        self._user = [t for role, t in self._messages if role == "user"]
+        if not self._user:
+            raise SpecError("The messages list has no user message; add one.")
+        variables.discard(ROW_VARIABLE)
+        self.variables: frozenset[str] = frozenset(variables)
+
+    def _context(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        context = dict(row)
+        context.setdefault(ROW_VARIABLE, row)
+        return context
+
+    def render(self, row: Mapping[str, Any]) -> list[dict[str, str]]:
+        """The row's chat messages; PromptError when the template fails on this row."""
+        context = self._context(row)
+        try:
+            return [{"role": role, "content": t.render(context)} for role, t in self._messages]
+        except Exception as e:  # any failure inside a user's template is this row's problem
+            raise PromptError(_row_error(e)) from None
+
+    def render_text(self, row: Mapping[str, Any]) -> str:
+        """The user prompt as one string (embedding jobs); several user messages are joined by a blank line."""
+        context = self._context(row)
+        try:
+            return "\n\n".join(t.render(context) for t in self._user)
+        except Exception as e:
+            raise PromptError(_row_error(e)) from None
+
+
+def _check_message(message: Any, name: str) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise SpecError(f"The {name} entry must be a mapping with 'role' and 'content'.")
+    role, content = message.get("role"), message.get("content")
+    if role not in ROLES:
+        raise SpecError(f"The {name} role is {role!r}; use one of {', '.join(ROLES)}.")
+    if not isinstance(content, str):
+        raise SpecError(f"The {name} content must be a text template.")
+    return role, content
+
+
+def _row_error(e: Exception) -> str:
+    if isinstance(e, SecurityError):
+        return f"The template tried something the sandbox forbids ({e})."
+    if isinstance(e, jinja2.UndefinedError):
+        return f"The template failed on this row: {e.message}."
+    return f"The template failed on this row ({type(e).__name__}: {e})."
+
+
+def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:
+    """Raise SpecError naming each column the template uses that the input lacks."""
+    available = list(columns)
+    missing = sorted(template.variables - set(available))
+    if not missing:
+        return
+    hints = []
+    for name in missing:
+        close = difflib.get_close_matches(name, available, n=1)
+        if close:
+            hints.append(f"'{name}' (did you mean '{close[0]}'?)")
+        else:
+            hints.append(f"'{name}'")
+    raise SpecError(
+        f"The prompt uses column(s) {', '.join(hints)} that the input does not have; "
+        f"available columns: {', '.join(available) or '(none)'}."
+    )

@@ -1,0 +1,84 @@
+"""The words that travel between layers: a request (what one row becomes) and its outcome.
+
+The engine builds Requests (via `prompt`), providers turn them into HTTP calls and
+return Outcomes; neither side knows the other's internals.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(slots=True)
+class Request:
+    """One row's request.
+
+    `key` is the request key: a hash of everything that affects the answer
+    (provider, model, messages or input, parameters, schema). Identical keys are
+    answered once.
+    """
+
+    key: str
+    kind: Literal["chat", "embedding"]
+    model: str
+    messages: list[dict[str, Any]] | None = None  # chat: [{"role": ..., "content": ...}]
+    input: str | None = None  # embedding: the text of this row
+    params: dict[str, Any] = field(default_factory=dict)  # temperature, max_tokens, seed, top_p, stop, ...
+    schema: dict[str, Any] | None = None  # JSON Schema of the structured output, if any
+    schema_name: str = "output"
+    prompt_tokens: int = 0  # counted at render time; the limiter reserves it
+    max_output_tokens: int = 0  # what the provider counts against the output/token limit
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+
+
+class OutcomeKind(str, enum.Enum):
+    OK = "ok"
+    RETRY = "retry"  # transient: 5xx, 408, 529, timeouts, resets, malformed bodies
+    RATE_LIMITED = "rate_limited"  # 429: pause the lane, re-queue without using an attempt
+    BAD_ROW = "bad_row"  # permanent for this row: becomes a dead letter
+    FATAL = "fatal"  # stops the job: bad key, unknown model, quota exhausted
+
+
+@dataclass(slots=True)
+class RateLimitInfo:
+    """What the provider's rate-limit headers said. Anything not sent is None.
+
+    OpenAI sends requests and tokens; Anthropic sends requests, input tokens and
+    output tokens. Reset values are seconds from now.
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    limit_input_tokens: int | None = None
+    remaining_input_tokens: int | None = None
+    reset_input_tokens_s: float | None = None
+    limit_output_tokens: int | None = None
+    remaining_output_tokens: int | None = None
+    reset_output_tokens_s: float | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The classified result of sending one request (or one packed embedding call)."""
+
+    kind: OutcomeKind
+    status: int = 0  # HTTP status, 0 when no response arrived
+    text: str | None = None  # chat: the answer text (JSON text when a schema was asked for)
+    embeddings: list[list[float]] | None = None  # embedding: one vector per input, in order
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    error: str | None = None  # one sentence, never containing a secret
+    retry_after: float | None = None  # seconds the provider asked us to wait
+    rate: RateLimitInfo | None = None
