@@ -105,7 +105,7 @@ class PromptTemplate:
             names = [f"messages[{i}]" for i in range(len(messages))]
         self._messages: list[tuple[str, jinja2.Template]] = []
         variables: set[str] = set()
-        for name, message in zip(names, messages):
+        for name, message in zip(names, messages, strict=True):
             role, content = _check_message(message, name)
             template, used = _compile(content, name)
             self._messages.append((role, template))
@@ -150,11 +150,12 @@ def _check_message(message: Any, name: str) -> tuple[str, str]:
 
 
 def _row_error(e: Exception) -> str:
+    detail = str(e).rstrip(".")
     if isinstance(e, SecurityError):
-        return f"The template tried something the sandbox forbids ({e})."
+        return f"The template tried something the sandbox forbids ({detail})."
     if isinstance(e, jinja2.UndefinedError):
-        return f"The template failed on this row: {e.message}."
-    return f"The template failed on this row ({type(e).__name__}: {e})."
+        return f"The template failed on this row: {detail}."
+    return f"The template failed on this row ({type(e).__name__}: {detail})."
 
 
 def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:

@@ -23,7 +23,7 @@ from backfill.engine.breaker import CircuitBreaker
 from backfill.engine.plan import Plan
 from backfill.engine.stats import JobStats
 from backfill.errors import BackfillError, FatalProviderError
-from backfill.io import Sink
+from backfill.io import Sink, output_table
 from backfill.limits import LaneLimits, Limiter
 from backfill.providers import Provider
 from backfill.request import Outcome, OutcomeKind, Request
@@ -107,7 +107,6 @@ class JobRunner:
         self._open_chunks = asyncio.Semaphore(max(4, -(-2 * lim.max_in_flight // self.spec.chunk_size) + 2))
         self._chunks_left = 0
         self._all_done = asyncio.Event()
-        self._producer_done = False
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._reserved_usd = 0.0
@@ -209,30 +208,14 @@ class JobRunner:
     # --- producer: input → chunks → requests ----------------------------------
 
     async def _produce(self, done: set[int]) -> None:
-        plan = self.plan
-        size = self.spec.chunk_size
-        index = 0
-        pending: list[pa.RecordBatch] = []
-        pending_rows = 0
-        for batch in plan.source.batches(size):
-            pending.append(batch)
-            pending_rows += batch.num_rows
-            while pending_rows >= size:
-                table = pa.Table.from_batches(pending)
-                await self._open_chunk(index, table.slice(0, size), done)
-                index += 1
-                rest = table.slice(size)
-                pending = rest.to_batches()
-                pending_rows = rest.num_rows
+        # Sources yield batches of exactly `chunk_size` rows (the last may be shorter): one per chunk.
+        for index, batch in enumerate(self.plan.source.batches(self.spec.chunk_size)):
             if self._stop:
                 return
-        if pending_rows:
-            await self._open_chunk(index, pa.Table.from_batches(pending), done)
-        self._producer_done = True
+            if index not in done:
+                await self._open_chunk(index, pa.Table.from_batches([batch]))
 
-    async def _open_chunk(self, index: int, table: pa.Table, done: set[int]) -> None:
-        if index in done:
-            return
+    async def _open_chunk(self, index: int, table: pa.Table) -> None:
         await self._open_chunks.acquire()
         if self._stop:
             self._open_chunks.release()
@@ -480,9 +463,9 @@ class JobRunner:
                 columns[name] = chunk.table.column(name)
         answer_fields = plan.answer_fields
         if self.spec.task.schema_ is not None:
+            answers = output_table([r.answer if r.ok else None for r in results], answer_fields)
             for f in answer_fields:
-                values = [r.answer.get(f.name) if r.ok and isinstance(r.answer, dict) else None for r in results]
-                columns[f.name] = _to_arrow(values, f.type)
+                columns[f.name] = answers.column(f.name)
         else:
             f = answer_fields[0]
             columns[f.name] = pa.array([r.answer if r.ok else None for r in results], type=f.type)
@@ -492,10 +475,4 @@ class JobRunner:
         columns["output_tokens"] = pa.array([r.output_tokens for r in results], type=pa.int64())
         columns["cost_usd"] = pa.array([r.cost_usd for r in results], type=pa.float64())
         return pa.table(columns, schema=schema)
-
-
-def _to_arrow(values: list[Any], type_: pa.DataType) -> pa.Array:
-    if pa.types.is_string(type_):
-        values = [v if v is None or isinstance(v, str) else json.dumps(v) for v in values]
-    return pa.array(values, type=type_)
 

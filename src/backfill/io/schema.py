@@ -28,7 +28,9 @@ class _JsonText:
     """Sentinel for types that become JSON text (distinct from a real string column)."""
 
 
-def _resolve(schema: Mapping[str, Any], root: Mapping[str, Any], seen: frozenset[str]) -> tuple[Mapping[str, Any], frozenset[str]]:
+def _resolve(
+    schema: Mapping[str, Any], root: Mapping[str, Any], seen: frozenset[str]
+) -> tuple[Mapping[str, Any], frozenset[str]]:
     """Follow $ref (and a lone allOf wrapper, which older pydantic emits) to the schema it names."""
     while True:
         if "$ref" in schema:
@@ -156,7 +158,7 @@ def output_table(answers: Sequence[Mapping[str, Any] | None], fields: Sequence[p
     """Parsed structured answers (one dict per row; None for a row without one) → a table with `fields`.
 
     JSON-text fields are serialised and integral floats (3.0) become ints; a value that
-    still does not fit its type raises pa.ArrowInvalid.
+    still does not fit its type raises a pyarrow error (pa.ArrowInvalid or pa.ArrowTypeError).
     """
     columns = []
     for field in fields:

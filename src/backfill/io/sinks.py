@@ -40,7 +40,9 @@ def output_format(path: str | os.PathLike[str], format: str | None) -> str:
         return "parquet"
     fmt = _FORMAT_NAMES.get(name.rpartition(".")[2])
     if fmt is None:
-        raise SpecError(f"Cannot tell the output format of '{path}' from its extension; use --output-format parquet|csv|jsonl.")
+        raise SpecError(
+            f"Cannot tell the output format of '{path}' from its extension; use --output-format parquet|csv|jsonl."
+        )
     return fmt
 
 
@@ -91,6 +93,16 @@ def _json_default(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode("utf-8", errors="replace")
     return str(v)  # dates, decimals: their ISO/text form
+
+
+def _json_or_text(value: str | None) -> Any:
+    """A JSON-text answer as nested JSON; text that is not JSON (a writer that stored a bare string) stays text."""
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 class Sink:
@@ -188,7 +200,10 @@ class Sink:
                 arrays = list(batch.columns)
                 for i in nested:
                     arrays[i] = pa.array(
-                        [None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default) for v in arrays[i].to_pylist()],
+                        [
+                            None if v is None else json.dumps(v, ensure_ascii=False, default=_json_default)
+                            for v in arrays[i].to_pylist()
+                        ],
                         type=pa.string(),
                     )
                 writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=schema))
@@ -201,6 +216,5 @@ class Sink:
             rows = batch.to_pylist()
             for row in rows if json_text else ():
                 for name in json_text:
-                    if row[name] is not None:
-                        row[name] = json.loads(row[name])
+                    row[name] = _json_or_text(row[name])
             f.write("".join(dumps(row) + "\n" for row in rows).encode())

@@ -24,7 +24,6 @@ import pyarrow.parquet as pq
 
 from backfill.errors import SpecError
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl")
 _FORMAT_NAMES = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 _FORMAT_HINT = "use --input-format parquet|csv|jsonl"
@@ -119,7 +118,9 @@ class ParquetSource(_FileSource):
 
     def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
         with pq.ParquetFile(self.path) as pf:
-            yield from rebatch(pf.iter_batches(batch_size=batch_size), batch_size)
+            # One row group at a time: asked for all at once, pyarrow pre-buffers the whole file.
+            groups = (pf.iter_batches(batch_size=batch_size, row_groups=[i]) for i in range(pf.num_row_groups))
+            yield from rebatch((b for g in groups for b in g), batch_size)
 
     def column(self, name: str) -> pa.ChunkedArray:
         """One column, read without the others."""
@@ -163,7 +164,9 @@ class CsvSource(_FileSource):
 
     def _scan(self) -> None:
         # Temporal types would re-format the user's text ("2020-01-01" → "2020-01-01 00:00:00").
-        types = {f.name: pa.string() for f in self._first_schema if pa.types.is_temporal(f.type) or pa.types.is_null(f.type)}
+        types = {
+            f.name: pa.string() for f in self._first_schema if pa.types.is_temporal(f.type) or pa.types.is_null(f.type)
+        }
         while True:
             reader = self._open(types)
             names = reader.schema.names
@@ -236,6 +239,9 @@ def _merge_types(name: str, a: pa.DataType, b: pa.DataType, where: str) -> pa.Da
         ) from None
 
 
+_JSON_TYPE_CHANGE = re.compile(r"Column\((/[^)]*)\) changed from (\w+) to (\w+) in row (\d+)")
+
+
 @dataclass
 class _Block:
     data: bytes
@@ -285,6 +291,13 @@ class JsonlSource(_FileSource):
         try:
             return pjson.read_json(pa.BufferReader(block.data), read_options=read, parse_options=parse)
         except pa.ArrowInvalid as e:
+            changed = _JSON_TYPE_CHANGE.search(str(e))
+            if changed:
+                field, was, now, row = changed.groups()
+                raise SpecError(
+                    f"JSONL field '{field.lstrip('/')}' holds values of different types ({was} and {now}, "
+                    f"near line {block.first_line + int(row)}); make them one type or convert the file to Parquet."
+                ) from None
             raise SpecError(
                 f"Cannot read '{self.path}' as JSON Lines near line {block.first_line} ({e}); "
                 f"each line must be one JSON object, or {_FORMAT_HINT}."
@@ -323,25 +336,28 @@ class JsonlSource(_FileSource):
         tables = (self._parse(block, schema) for block in self._blocks())
         yield from rebatch((b for t in tables for b in t.to_batches()), batch_size)
 
+    def column(self, name: str) -> pa.ChunkedArray:
+        """One field, parsed without building the others."""
+        only = pa.schema([self.schema.field(name)])
+        return pa.chunked_array(
+            [self._parse(block, only).column(0) for block in self._blocks()], type=only.field(0).type
+        )
+
 
 class _HashWriter:
-    """A write-only file that hashes what is written (and optionally also stores it)."""
+    """A write-only file that only hashes what is written."""
 
-    def __init__(self, sink: Any = None):
+    def __init__(self) -> None:
         self.hash = hashlib.sha256()
-        self.sink = sink
         self.closed = False
 
     def write(self, data: Any) -> int:
         view = memoryview(data)
         self.hash.update(view)
-        if self.sink is not None:
-            self.sink.write(view)
         return view.nbytes
 
     def flush(self) -> None:
-        if self.sink is not None:
-            self.sink.flush()
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -401,13 +417,17 @@ class SpooledSource:
         self.path = Path(name)
         weakref.finalize(self, os.unlink, name)
         schema = reader.schema.remove_metadata()
-        with os.fdopen(fd, "wb") as f:
-            out = _HashWriter(f)
-            stream = pa.PythonFile(out, mode="w")
-            with ipc.new_file(stream, schema) as writer:
-                for batch in rebatch(reader, _HASH_BATCH):
-                    writer.write_batch(batch.replace_schema_metadata(None))
-        self._fingerprint = out.hash.hexdigest()[:32]
+        digest = _HashWriter()
+        with (
+            os.fdopen(fd, "wb") as f,
+            ipc.new_file(f, schema) as spool,
+            ipc.new_stream(pa.PythonFile(digest, mode="w"), schema) as hashed,
+        ):
+            for batch in rebatch(reader, _HASH_BATCH):
+                batch = batch.replace_schema_metadata(None)
+                spool.write_batch(batch)
+                hashed.write_batch(batch)
+        self._fingerprint = digest.hash.hexdigest()[:32]
         self._schema = schema
         with pa.memory_map(name) as m:
             r = ipc.open_file(m)

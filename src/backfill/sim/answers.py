@@ -11,6 +11,7 @@ by the seed (`pattern` is not honoured).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +28,7 @@ _FILLER = (
     " were all we can her has there been if more when will would who so no data row table model answer value"
     " time result first new good some only also well just about into over after"
 ).split()
+_CALIBRATION = " ".join(_FILLER * 20)
 _MAX_DEPTH = 6  # deeper than this, optional parts are left out so recursive schemas terminate
 _NULL_CHANCE = 0.25
 
@@ -163,11 +165,18 @@ def _text_answer(words: str, rng: random.Random, model: str, max_tokens: int | N
         target = max_tokens
     prefix = f"Answer to «{words}»"
     prefix_tokens = count_text(prefix)
-    if prefix_tokens >= target:
-        text = prefix[: max(1, len(prefix) * target // prefix_tokens)] if capped else prefix
+    raw_target = max(1, int(target / _tokenizer_ratio(model)))  # filler is sized in cl100k tokens
+    if prefix_tokens >= raw_target:
+        text = prefix[: max(1, len(prefix) * raw_target // prefix_tokens)] if capped else prefix
     else:
-        text = prefix + " " + " ".join(rng.choices(_FILLER, k=target - prefix_tokens))
+        text = prefix + " " + " ".join(rng.choices(_FILLER, k=raw_target - prefix_tokens))
     return Answer(text, _capped_count(text, model, max_tokens), "length" if capped else "stop")
+
+
+@functools.lru_cache(maxsize=256)
+def _tokenizer_ratio(model: str) -> float:
+    """How many of `model`'s counted tokens one cl100k token makes (1.0 for OpenAI models)."""
+    return count_text(_CALIBRATION, model) / count_text(_CALIBRATION)
 
 
 def _json_answer(value: Any, model: str, max_tokens: int | None, tool_name: str | None = None) -> Answer:

@@ -1,0 +1,209 @@
+"""The provider adapter contract and what every adapter shares: one aiohttp session, posting JSON,
+and classifying each failure by status code and error code/type (never by message text)."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar
+
+import aiohttp
+
+from backfill.errors import SpecError
+from backfill.providers.headers import parse_retry_after
+from backfill.request import Outcome, OutcomeKind, Request
+
+# Transient by nature: timeouts, conflicts, server errors, Anthropic's 529 "overloaded".
+RETRY_STATUSES = frozenset({408, 409, 500, 502, 503, 504, 529})
+_MAX_MESSAGE = 300
+
+
+@dataclass(slots=True)
+class Reply:
+    """An HTTP response that arrived."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class ErrorFields:
+    """The parts of an error body that classification may look at (code, type) or show (message)."""
+
+    code: str | None
+    type: str | None
+    message: str
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _trim(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+def error_fields(body: bytes) -> ErrorFields:
+    """OpenAI/Anthropic `{"error": {...}}`, vLLM's top-level fields, Ollama's `{"error": "..."}`, or plain text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return ErrorFields(None, None, _trim(body[:2000].decode("utf-8", "replace")))
+    if not isinstance(data, dict):
+        return ErrorFields(None, None, "")
+    err = data.get("error", data)
+    if isinstance(err, str):
+        return ErrorFields(None, None, _trim(err))
+    if not isinstance(err, dict):
+        err = data
+    code, kind, message = err.get("code"), err.get("type"), err.get("message")
+    return ErrorFields(
+        code if isinstance(code, str) else None,
+        kind if isinstance(kind, str) else None,
+        _trim(message) if isinstance(message, str) else "",
+    )
+
+
+class Provider(abc.ABC):
+    """One wire protocol. Builds the HTTP request, reads usage and rate-limit headers, classifies failures."""
+
+    name: ClassVar[str]
+    default_base_url: ClassVar[str | None] = None
+    max_embedding_inputs: ClassVar[int] = 2048  # per-request limits for packing rows into one embedding call
+    max_embedding_tokens: ClassVar[int] = 300_000
+    protocol_headers: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None,
+        timeout_s: float = 60.0,
+        max_connections: int = 256,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        base = (base_url or self.default_base_url or "").rstrip("/")
+        if not base:
+            raise SpecError(f"The {self.name} provider needs a base URL; set task.base_url.")
+        self.base_url = base
+        self.timeout_s = timeout_s
+        self._api_key = api_key or None
+        self._max_connections = max_connections
+        auth = self._auth_headers(self._api_key) if self._api_key else {}
+        self._headers = {"Content-Type": "application/json", **self.protocol_headers, **auth, **(headers or {})}
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(lane_id={self.lane_id!r})"
+
+    @abc.abstractmethod
+    def _auth_headers(self, api_key: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    async def complete(self, request: Request) -> Outcome:
+        """Send one chat request and classify what came back."""
+
+    @abc.abstractmethod
+    async def embed(self, requests: list[Request]) -> Outcome:
+        """Send one packed embedding call; the embeddings come back in the order of `requests`."""
+
+    @property
+    def lane_id(self) -> str:
+        """Endpoint and key fingerprint; the engine appends the model."""
+        fingerprint = hashlib.sha256(self._api_key.encode()).hexdigest()[:8] if self._api_key else "nokey"
+        return f"{self.name}|{self.base_url}|{fingerprint}"
+
+    @property
+    def refunds_output_tokens(self) -> bool:
+        """Whether the provider corrects its max_tokens reservation to the actual output."""
+        return False
+
+    async def open(self) -> None:
+        self._ensure_session()
+
+    def _ensure_session(self) -> aiohttp.ClientSession:
+        """One session for all requests: pooled keep-alive connections, auth headers set once."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30.0),
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                headers=self._headers,
+            )
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def __aenter__(self) -> Provider:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _post(self, url: str, body: dict[str, Any]) -> Reply | Outcome:
+        """POST JSON; a failure before a response arrived comes back as an Outcome."""
+        session = self._session or self._ensure_session()
+        try:
+            async with session.post(url, data=dumps(body)) as resp:
+                return Reply(resp.status, resp.headers, await resp.read())
+        except TimeoutError:
+            return Outcome(
+                OutcomeKind.RETRY,
+                error=f"{self.name} did not answer within {self.timeout_s:g} s; the request will be retried.",
+            )
+        except aiohttp.InvalidURL:
+            return Outcome(OutcomeKind.FATAL, error=f"The {self.name} base URL is not a valid URL; check task.base_url.")
+        except (aiohttp.ClientError, OSError) as exc:
+            return Outcome(
+                OutcomeKind.RETRY,
+                error=f"The connection to {self.name} failed ({type(exc).__name__}); the request will be retried.",
+            )
+
+    def _scrub(self, text: str) -> str:
+        key = self._api_key
+        return text.replace(key, "***") if key and key in text else text
+
+    def _malformed(self, reply: Reply) -> Outcome:
+        return Outcome(
+            OutcomeKind.RETRY,
+            status=reply.status,
+            error=f"{self.name} sent a malformed response ({reply.status}); the request will be retried.",
+        )
+
+    def _failure(self, reply: Reply, model: str) -> Outcome:
+        """Classify a non-2xx reply."""
+        err = error_fields(reply.body)
+        kind, error = self._classify(reply.status, err, model)
+        return Outcome(kind, status=reply.status, error=error, retry_after=parse_retry_after(reply.headers))
+
+    def _classify(self, status: int, err: ErrorFields, model: str) -> tuple[OutcomeKind, str]:
+        name = self.name
+        detail = f": {self._scrub(err.message)}" if err.message else ""
+        if err.type == "billing_error" or "insufficient_quota" in (err.code, err.type) or status == 402:
+            return OutcomeKind.FATAL, (
+                f"The {name} account's quota or credit is exhausted ({status}); add credit or raise the limit, then resume."
+            )
+        if status == 429:
+            return OutcomeKind.RATE_LIMITED, f"{name} rate limit reached (429)."
+        if status in RETRY_STATUSES or status >= 500:
+            return OutcomeKind.RETRY, f"{name} answered {status}; the request will be retried."
+        if status == 401:
+            if self._api_key is None:
+                return OutcomeKind.FATAL, f"{name} requires an API key (401) and none was given."
+            return OutcomeKind.FATAL, f"The API key was rejected by {name} (401)."
+        if status == 403:
+            return OutcomeKind.FATAL, f"{name} refused access with this API key (403){detail}"
+        if status == 404 or err.code == "model_not_found":
+            return OutcomeKind.FATAL, f"{name} does not know the model '{model}' or the endpoint ({status}){detail}"
+        return OutcomeKind.BAD_ROW, f"{name} rejected this row's request ({status}){detail}"

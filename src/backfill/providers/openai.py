@@ -1,0 +1,141 @@
+"""OpenAI-compatible chat completions and embeddings (OpenAI, vLLM, llama.cpp, Ollama's /v1, the
+simulator), and Azure OpenAI deployments, which speak the same bodies with other URLs and auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+from array import array
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from backfill.providers.base import Provider, Reply
+from backfill.providers.headers import openai_rate
+from backfill.request import Outcome, OutcomeKind, Request, Usage
+
+AZURE_API_VERSION = "2024-10-21"
+
+
+def _usage(raw: Any) -> Usage:
+    if not isinstance(raw, dict):
+        return Usage()
+    details = raw.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(
+        input_tokens=raw.get("prompt_tokens") or 0,
+        output_tokens=raw.get("completion_tokens") or 0,
+        cached_tokens=cached or 0,
+    )
+
+
+def _vector(raw: Any) -> list[float]:
+    # encoding_format="base64" packs little-endian float32s.
+    return array("f", base64.b64decode(raw)).tolist() if isinstance(raw, str) else raw
+
+
+class OpenAIProvider(Provider):
+    """POST {base_url}/chat/completions and {base_url}/embeddings with a Bearer key (none for local servers)."""
+
+    name = "openai"
+    default_base_url = "https://api.openai.com/v1"
+
+    def _auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key}"}
+
+    def _endpoint(self, path: str) -> str:
+        return f"{self.base_url}/{path}"
+
+    async def complete(self, request: Request) -> Outcome:
+        body: dict[str, Any] = {"model": request.model, "messages": request.messages, **request.params}
+        if request.schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
+            }
+        reply = await self._post(self._endpoint("chat/completions"), body)
+        if isinstance(reply, Outcome):
+            return reply
+        outcome = self._chat_outcome(reply) if 200 <= reply.status < 300 else self._failure(reply, request.model)
+        outcome.rate = openai_rate(reply.headers)
+        return outcome
+
+    async def embed(self, requests: list[Request]) -> Outcome:
+        if not requests:
+            raise ValueError("embed() needs at least one request")
+        first = requests[0]
+        body: dict[str, Any] = {"model": first.model, "input": [r.input for r in requests], **first.params}
+        reply = await self._post(self._endpoint("embeddings"), body)
+        if isinstance(reply, Outcome):
+            return reply
+        outcome = (
+            self._embedding_outcome(reply, len(requests))
+            if 200 <= reply.status < 300
+            else self._failure(reply, first.model)
+        )
+        outcome.rate = openai_rate(reply.headers)
+        return outcome
+
+    def _chat_outcome(self, reply: Reply) -> Outcome:
+        try:
+            data = json.loads(reply.body)
+            choice = data["choices"][0]
+            message = choice["message"]
+            finish = choice.get("finish_reason")
+            refusal = message.get("refusal")
+            content = message.get("content")
+            usage = _usage(data.get("usage"))
+        except (ValueError, LookupError, TypeError, AttributeError):
+            return self._malformed(reply)
+        if finish == "content_filter" or refusal:
+            why = f"refused by the model: {refusal}" if isinstance(refusal, str) else "refused by the content filter"
+            return Outcome(OutcomeKind.BAD_ROW, status=reply.status, finish_reason=finish, usage=usage, error=why[:300])
+        if isinstance(content, list):  # some compatible servers answer with content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            if finish != "length":
+                return self._malformed(reply)
+            content = ""  # the whole max_tokens went to reasoning; retrying would do the same
+        return Outcome(OutcomeKind.OK, status=reply.status, text=content, finish_reason=finish, usage=usage)
+
+    def _embedding_outcome(self, reply: Reply, n: int) -> Outcome:
+        try:
+            data = json.loads(reply.body)
+            items = sorted(data["data"], key=lambda item: item["index"])
+            vectors = [_vector(item["embedding"]) for item in items]
+            raw_usage = data.get("usage")
+            tokens = raw_usage.get("prompt_tokens") or 0 if isinstance(raw_usage, dict) else 0
+        except (ValueError, LookupError, TypeError, AttributeError):
+            return self._malformed(reply)
+        if len(vectors) != n or not all(isinstance(v, list) for v in vectors):
+            return self._malformed(reply)
+        return Outcome(OutcomeKind.OK, status=reply.status, embeddings=vectors, usage=Usage(input_tokens=tokens))
+
+
+class AzureProvider(OpenAIProvider):
+    """base_url is the deployment URL (…/openai/deployments/NAME), optionally with ?api-version=…"""
+
+    name = "azure"
+    default_base_url = None
+
+    def __init__(
+        self,
+        *,
+        base_url: str | None = None,
+        api_key: str | None,
+        timeout_s: float = 60.0,
+        max_connections: int = 256,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        parts = urlsplit(base_url or "")
+        self.api_version = parse_qs(parts.query).get("api-version", [AZURE_API_VERSION])[0]
+        deployment = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+        super().__init__(
+            base_url=deployment, api_key=api_key, timeout_s=timeout_s, max_connections=max_connections, headers=headers
+        )
+
+    def _auth_headers(self, api_key: str) -> dict[str, str]:
+        return {"api-key": api_key}
+
+    def _endpoint(self, path: str) -> str:
+        return f"{self.base_url}/{path}?api-version={self.api_version}"
