@@ -65,18 +65,33 @@ def scenarios() -> list[Scenario]:
     return [
         Scenario("chat (text)", "/v1/chat/completions", openai, chat),
         Scenario(
-            "chat (json_schema)", "/v1/chat/completions", openai,
-            {**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "out", "schema": _SCHEMA, "strict": True}}},
+            "chat (json_schema)",
+            "/v1/chat/completions",
+            openai,
+            {
+                **chat,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "out", "schema": _SCHEMA, "strict": True},
+                },
+            },
         ),
         Scenario(
-            "chat, rpm+tpm limits", "/v1/chat/completions", openai, chat,
+            "chat, rpm+tpm limits",
+            "/v1/chat/completions",
+            openai,
+            chat,
             ("--rpm", "100000000", "--tpm", "100000000000"),
         ),
         Scenario(
-            "anthropic messages", "/v1/messages", anthropic,
+            "anthropic messages",
+            "/v1/messages",
+            anthropic,
             {"model": "claude-haiku-4-5", "max_tokens": 200, "messages": [{"role": "user", "content": _PROMPT}]},
         ),
-        Scenario("embeddings (1 input)", "/v1/embeddings", openai, {"model": "text-embedding-3-small", "input": _PROMPT}),
+        Scenario(
+            "embeddings (1 input)", "/v1/embeddings", openai, {"model": "text-embedding-3-small", "input": _PROMPT}
+        ),
     ]
 
 
@@ -102,6 +117,7 @@ async def load(url: str, scenario: Scenario, seconds: float, concurrency: int) -
             body["input"] = f"{_PROMPT} #{i}"
         bodies.append(body)
     async with aiohttp.ClientSession(connector=connector, headers=scenario.headers) as session:
+
         async def warm() -> None:
             async with session.post(url + scenario.path, json=bodies[0]) as r:
                 await r.read()

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from backfill.errors import SpecError
 from backfill.limits import LaneLimits, Limiter, Ticket
 from backfill.limits.bucket import Bucket
 from backfill.request import RateLimitInfo, Usage
@@ -194,12 +195,12 @@ async def test_probes_then_adopts_and_follows_learned_limits() -> None:
     assert limiter.stats().rpm == 3000
 
 
-def test_given_limits_win_but_a_lower_learned_limit_is_respected() -> None:
+async def test_given_limits_win_but_a_lower_learned_limit_is_respected() -> None:
     lower_given = Limiter(LaneLimits(rpm=1000))
     higher_given = Limiter(LaneLimits(rpm=10_000))
     not_learning = Limiter(LaneLimits(rpm=10_000), learn=False)
     for limiter in (lower_given, higher_given, not_learning):
-        limiter.release(limiter._admit(0, 0, time.monotonic()), rate=RateLimitInfo(limit_requests=6000))
+        limiter.release(await limiter.acquire(0, 0), rate=RateLimitInfo(limit_requests=6000))
     assert lower_given.stats().rpm == 1000
     assert higher_given.stats().rpm == 6000
     assert not_learning.stats().rpm == 10_000 and not not_learning.stats().learned
@@ -271,3 +272,9 @@ async def test_acquire_release_is_cheap() -> None:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     print(f"4,000 paced acquires at 4,000/s: {wall:.3f} s wall, {cpu:.3f} s CPU ({cpu / 4000 * 1e6:.0f} µs each)")
     assert len(times) == 4000
+
+
+def test_nonsense_limits_are_refused_up_front() -> None:
+    for bad in ({"rpm": 0}, {"tpm": -5}, {"max_in_flight": 0}, {"utilization": 1.5}):
+        with pytest.raises(SpecError):
+            LaneLimits(**bad)  # type: ignore[arg-type]

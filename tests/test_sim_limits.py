@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
@@ -23,7 +23,11 @@ def chat(i: int = 0, max_tokens: int = 30) -> dict:
 
 
 def message(i: int = 0, max_tokens: int = 100) -> dict:
-    return {"model": "claude-haiku-4-5", "max_tokens": max_tokens, "messages": [{"role": "user", "content": f"row {i}"}]}
+    return {
+        "model": "claude-haiku-4-5",
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": f"row {i}"}],
+    }
 
 
 async def hammer(url: str, headers: dict, make_body, seconds: float, workers: int = 16) -> list[int]:
@@ -134,7 +138,7 @@ async def test_anthropic_headers_are_rfc3339_and_count_down() -> None:
                 async with session.post(sim.url + "/v1/messages", json=message(i)) as r:
                     seen.append((r.status, r.headers.get("anthropic-ratelimit-requests-remaining")))
                     reset = datetime.strptime(r.headers["anthropic-ratelimit-requests-reset"], "%Y-%m-%dT%H:%M:%SZ")
-                    ahead = reset.replace(tzinfo=timezone.utc).timestamp() - time.time()
+                    ahead = reset.replace(tzinfo=UTC).timestamp() - time.time()
                     assert -1 <= ahead <= 5
                     if r.status == 429:
                         assert (await r.json())["error"]["type"] == "rate_limit_error"
@@ -155,10 +159,16 @@ async def test_limits_are_per_key_and_model() -> None:
     async with Simulator(config) as sim:
         async with aiohttp.ClientSession() as session:
             statuses = []
-            for key, model in [(KEY, "gpt-4o-mini"), (KEY, "gpt-4o-mini"), ("sk-other", "gpt-4o-mini"), (KEY, "gpt-4o")]:
+            for key, model in [
+                (KEY, "gpt-4o-mini"),
+                (KEY, "gpt-4o-mini"),
+                ("sk-other", "gpt-4o-mini"),
+                (KEY, "gpt-4o"),
+            ]:
                 body = {**chat(), "model": model}
-                async with session.post(sim.base_url + "/chat/completions", json=body,
-                                        headers={"Authorization": f"Bearer {key}"}) as r:
+                async with session.post(
+                    sim.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+                ) as r:
                     statuses.append(r.status)
             assert statuses == [200, 429, 200, 200]
 

@@ -15,7 +15,9 @@ KEY = "sk-test-sdk"
 
 @pytest.fixture
 async def sim():
-    config = SimConfig(keys={KEY: KeyLimits(), "sk-tiny": KeyLimits(rpm=60, tpm=10_000_000, input_tpm=10**7, output_tpm=10**7)})
+    config = SimConfig(
+        keys={KEY: KeyLimits(), "sk-tiny": KeyLimits(rpm=60, tpm=10_000_000, input_tpm=10**7, output_tpm=10**7)}
+    )
     async with Simulator(config) as sim:
         yield sim
 
@@ -35,7 +37,10 @@ class Review(BaseModel):
 
 
 async def test_openai_chat_is_parsed_with_usage(sim: Simulator) -> None:
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is this kettle any good at all?"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Is this kettle any good at all?"},
+    ]
     async with oai(sim) as client:
         response = await client.chat.completions.create(model="gpt-4o-mini", messages=messages, max_tokens=300)
     text = response.choices[0].message.content
@@ -90,16 +95,18 @@ async def test_openai_typed_errors(sim: Simulator) -> None:
 
 
 async def test_anthropic_messages_tools_and_errors(sim: Simulator) -> None:
-    body = {"model": "claude-haiku-4-5", "max_tokens": 200, "system": "Be brief.",
-            "messages": [{"role": "user", "content": "Summarise the kettle review please"}]}
+    body = {
+        "model": "claude-haiku-4-5",
+        "max_tokens": 200,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "Summarise the kettle review please"}],
+    }
     async with ant(sim) as client:
         message = await client.messages.create(**body)
         assert message.content[0].text == messages_answer(body).text
         assert message.stop_reason == "end_turn" and message.usage.input_tokens > 0
         tool = {"name": "record", "description": "Record a review", "input_schema": Review.model_json_schema()}
-        called = await client.messages.create(
-            **body, tools=[tool], tool_choice={"type": "tool", "name": "record"}
-        )
+        called = await client.messages.create(**body, tools=[tool], tool_choice={"type": "tool", "name": "record"})
         assert called.stop_reason == "tool_use" and called.content[0].type == "tool_use"
         Review.model_validate(called.content[0].input)
         with pytest.raises(anthropic.NotFoundError):

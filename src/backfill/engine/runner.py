@@ -294,6 +294,9 @@ class JobRunner:
         rows = [first]
         tokens = first.request.prompt_tokens
         limit_n, limit_tokens = self.provider.max_embedding_inputs, self.provider.max_embedding_tokens
+        tpm = self.limiter.stats().tpm
+        if tpm:  # servers bucket about a second of tokens/min: a bigger call would never be admitted
+            limit_tokens = min(limit_tokens, int(tpm / 60 * 0.9))
         while self._queue and len(rows) < limit_n:
             nxt = self._queue[0]
             if nxt.solo or tokens + nxt.request.prompt_tokens > limit_tokens:

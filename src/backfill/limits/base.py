@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 
+from backfill.errors import SpecError
 from backfill.request import RateLimitInfo, Usage
 
 
@@ -24,6 +25,18 @@ class LaneLimits:
     burst_s: float = 0.5
     # Fraction of each limit we pace at, leaving the server's buckets a little headroom for jitter.
     utilization: float = 0.99
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "input_tpm", "output_tpm"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise SpecError(
+                    f"The {name} limit must be a positive number (got {value}); leave it unset to learn it."
+                )
+        if self.max_in_flight < 1:
+            raise SpecError(f"max_in_flight must be at least 1 (got {self.max_in_flight}).")
+        if self.burst_s <= 0 or not 0 < self.utilization <= 1:
+            raise SpecError("burst_s must be positive and utilization in (0, 1].")
 
 
 @dataclass(slots=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 
 class Bucket:
-    """One per-minute limit, refilled at `pace` × the limit. `flow` is the cumulative refill minus spend (never clipped), the
-    yardstick for comparing a server's `remaining` with what we have spent since."""
+    """One per-minute limit, refilled at `pace` × the limit. `flow` is the cumulative refill minus
+    spend (never clipped): the yardstick for comparing a server's `remaining` with our spending since."""
 
-    __slots__ = ("per_minute", "rate", "capacity", "level", "flow", "stamp")
+    __slots__ = ("capacity", "flow", "level", "per_minute", "rate", "stamp")
 
     def __init__(self, per_minute: float, *, burst_s: float, pace: float, now: float) -> None:
         self.stamp = now
@@ -24,22 +24,20 @@ class Bucket:
         self.rate = max(per_minute * pace / 60.0, 1e-9)
         # At least one unit, so a limit under 60/burst_s per minute still admits one at a time.
         self.capacity = max(per_minute * burst_s / 60.0, 1.0)
-        if self.level > self.capacity:
-            self.level = self.capacity
+        self.level = min(self.level, self.capacity)
 
     def refill(self, now: float) -> None:
         dt = now - self.stamp
         if dt > 0:
             add = dt * self.rate
             self.flow += add
-            level = self.level + add
-            self.level = level if level < self.capacity else self.capacity
+            self.level = min(self.capacity, self.level + add)
             self.stamp = now
 
     def wait_s(self, cost: float) -> float:
         """Seconds until `cost` fits (0 when it fits now); call after refill. A cost above the
         capacity fits when the bucket is full, then leaves it in debt."""
-        need = cost if cost < self.capacity else self.capacity
+        need = min(self.capacity, cost)
         return 0.0 if self.level >= need else (need - self.level) / self.rate
 
     def charge(self, cost: float) -> None:
@@ -49,15 +47,13 @@ class Bucket:
     def adjust(self, amount: float) -> None:
         """Hand back (amount > 0) or charge more (amount < 0) after the fact; call after refill."""
         self.flow += amount
-        level = self.level + amount
-        self.level = level if level < self.capacity else self.capacity
+        self.level = min(self.capacity, self.level + amount)
 
     def follow_server(self, remaining: float, mark: float) -> None:
         """The server said `remaining` when it admitted a request charged at `mark`; since then we
         spent and refilled `flow - mark`. Never raise our level above our own accounting."""
         predicted = remaining + (self.flow - mark)
-        if predicted < self.level:
-            self.level = predicted
+        self.level = min(self.level, predicted)
 
     def drain(self) -> None:
         """The server says it is empty: resume from empty rather than with a burst."""

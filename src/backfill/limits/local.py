@@ -60,9 +60,7 @@ class Limiter(LaneLimiter):
         self._last_backoff = -math.inf
         self._paused_until = -math.inf
         self._in_flight = 0
-        self._probing = learn and all(
-            v is None for v in (limits.rpm, limits.tpm, limits.input_tpm, limits.output_tpm)
-        )
+        self._probing = learn and all(v is None for v in (limits.rpm, limits.tpm, limits.input_tpm, limits.output_tpm))
         self._waiters: deque[_Waiter] = deque()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = math.inf
@@ -175,26 +173,22 @@ class Limiter(LaneLimiter):
         if b is not None:
             b.refill(now)
             w = b.wait_s(1)
-            if w > wait:
-                wait = w
+            wait = max(wait, w)
         b = self._tokens
         if b is not None:
             b.refill(now)
             w = b.wait_s(input_tokens + output_tokens)
-            if w > wait:
-                wait = w
+            wait = max(wait, w)
         b = self._input
         if b is not None:
             b.refill(now)
             w = b.wait_s(input_tokens)
-            if w > wait:
-                wait = w
+            wait = max(wait, w)
         b = self._output
         if b is not None:
             b.refill(now)
             w = b.wait_s(output_tokens)
-            if w > wait:
-                wait = w
+            wait = max(wait, w)
         return wait
 
     def _admit(self, input_tokens: int, output_tokens: int, now: float) -> Ticket:

@@ -4,12 +4,13 @@ through one forced tool, and usage counted as input, output and cache reads."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from backfill.errors import SpecError
 from backfill.providers.base import Provider, Reply
 from backfill.providers.headers import anthropic_rate
-from backfill.request import Outcome, OutcomeKind, Request, Usage
+from backfill.request import Outcome, OutcomeKind, RateLimitInfo, Request, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 1024
@@ -41,13 +42,23 @@ def _usage(raw: Any) -> Usage:
     )
 
 
+def _max_tokens(request: Request) -> int:
+    params = request.params
+    return (
+        params.get("max_tokens")
+        or params.get("max_completion_tokens")
+        or request.max_output_tokens
+        or DEFAULT_MAX_TOKENS
+    )
+
+
 def messages_body(request: Request) -> dict[str, Any]:
     """The /v1/messages body for a chat request."""
     system = [_text(m.get("content")) for m in request.messages or [] if m.get("role") == "system"]
     messages = [m for m in request.messages or [] if m.get("role") != "system"]
     body: dict[str, Any] = {
         "model": request.model,
-        "max_tokens": request.max_output_tokens or DEFAULT_MAX_TOKENS,
+        "max_tokens": _max_tokens(request),
         "messages": messages,
     }
     if system:
@@ -74,7 +85,7 @@ class AnthropicProvider(Provider):
 
     name = "anthropic"
     default_base_url = "https://api.anthropic.com"
-    protocol_headers = {"anthropic-version": ANTHROPIC_VERSION}
+    protocol_headers: ClassVar[Mapping[str, str]] = {"anthropic-version": ANTHROPIC_VERSION}
 
     def _auth_headers(self, api_key: str) -> dict[str, str]:
         return {"x-api-key": api_key}
@@ -92,10 +103,18 @@ class AnthropicProvider(Provider):
         else:
             outcome = self._failure(reply, request.model)
         outcome.rate = anthropic_rate(reply.headers)
-        return outcome
+        return self._no_wait_cures(outcome, request)
 
     async def embed(self, requests: list[Request]) -> Outcome:
         raise SpecError("Anthropic has no embeddings endpoint; run embedding jobs with an OpenAI-compatible provider.")
+
+    def _oversized(self, rate: RateLimitInfo, request: Request) -> str | None:
+        max_tokens = _max_tokens(request)
+        if rate.limit_input_tokens is not None and request.prompt_tokens > rate.limit_input_tokens:
+            return f"{request.prompt_tokens} input tokens against {rate.limit_input_tokens} input tokens/min"
+        if rate.limit_output_tokens is not None and max_tokens > rate.limit_output_tokens:
+            return f"max_tokens {max_tokens} against {rate.limit_output_tokens} output tokens/min"
+        return None
 
     def _message_outcome(self, reply: Reply, tool: str | None) -> Outcome:
         try:
@@ -112,7 +131,9 @@ class AnthropicProvider(Provider):
             return self._malformed(reply)
         finish = _FINISH.get(stop, stop) if isinstance(stop, str) else None
         if stop == "refusal":
-            return Outcome(OutcomeKind.BAD_ROW, status=reply.status, finish_reason=stop, usage=usage, error="refused by the model")
+            return Outcome(
+                OutcomeKind.BAD_ROW, status=reply.status, finish_reason=stop, usage=usage, error="refused by the model"
+            )
         if text is None:
             if finish != "length":
                 return self._malformed(reply)

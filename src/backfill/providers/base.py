@@ -9,13 +9,13 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import aiohttp
 
 from backfill.errors import SpecError
 from backfill.providers.headers import parse_retry_after
-from backfill.request import Outcome, OutcomeKind, Request
+from backfill.request import Outcome, OutcomeKind, RateLimitInfo, Request
 
 # Transient by nature: timeouts, conflicts, server errors, Anthropic's 529 "overloaded".
 RETRY_STATUSES = frozenset({408, 409, 500, 502, 503, 504, 529})
@@ -50,23 +50,25 @@ def _trim(text: str) -> str:
 
 
 def error_fields(body: bytes) -> ErrorFields:
-    """OpenAI/Anthropic `{"error": {...}}`, vLLM's top-level fields, Ollama's `{"error": "..."}`, or plain text."""
+    """OpenAI/Anthropic `{"error": {...}}`, vLLM's top-level fields, Ollama's `{"error": "..."}`, or plain text.
+
+    The message is untrimmed so that the key is blanked out before it is shortened."""
     try:
         data = json.loads(body)
     except ValueError:
-        return ErrorFields(None, None, _trim(body[:2000].decode("utf-8", "replace")))
+        return ErrorFields(None, None, body.decode("utf-8", "replace"))
     if not isinstance(data, dict):
         return ErrorFields(None, None, "")
     err = data.get("error", data)
     if isinstance(err, str):
-        return ErrorFields(None, None, _trim(err))
+        return ErrorFields(None, None, err)
     if not isinstance(err, dict):
         err = data
     code, kind, message = err.get("code"), err.get("type"), err.get("message")
     return ErrorFields(
         code if isinstance(code, str) else None,
         kind if isinstance(kind, str) else None,
-        _trim(message) if isinstance(message, str) else "",
+        message if isinstance(message, str) else "",
     )
 
 
@@ -142,7 +144,7 @@ class Provider(abc.ABC):
             await self._session.close()
             self._session = None
 
-    async def __aenter__(self) -> Provider:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
@@ -163,7 +165,9 @@ class Provider(abc.ABC):
                 error=f"{self.name} did not answer within {self.timeout_s:g} s; the request will be retried.",
             )
         except aiohttp.InvalidURL:
-            return Outcome(OutcomeKind.FATAL, error=f"The {self.name} base URL is not a valid URL; check task.base_url.")
+            return Outcome(
+                OutcomeKind.FATAL, error=f"The {self.name} base URL is not a valid URL; check task.base_url."
+            )
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome(
                 OutcomeKind.RETRY,
@@ -181,6 +185,22 @@ class Provider(abc.ABC):
             error=f"{self.name} sent a malformed response ({reply.status}); the request will be retried.",
         )
 
+    def _oversized(self, rate: RateLimitInfo, request: Request) -> str | None:
+        """Which per-minute limit this one request alone exceeds, if any."""
+        return None
+
+    def _no_wait_cures(self, outcome: Outcome, request: Request) -> Outcome:
+        """A 429 for a request larger than a per-minute limit would come back forever: it is a bad row.
+        Judged from the limit headers and the request's own token counts, not the message text."""
+        if outcome.kind is OutcomeKind.RATE_LIMITED and outcome.rate is not None:
+            why = self._oversized(outcome.rate, request)
+            if why is not None:
+                outcome.kind = OutcomeKind.BAD_ROW
+                outcome.error = (
+                    f"This row's request is too large for the rate limit ({why}); shorten it or lower max_tokens."
+                )
+        return outcome
+
     def _failure(self, reply: Reply, model: str) -> Outcome:
         """Classify a non-2xx reply."""
         err = error_fields(reply.body)
@@ -189,7 +209,7 @@ class Provider(abc.ABC):
 
     def _classify(self, status: int, err: ErrorFields, model: str) -> tuple[OutcomeKind, str]:
         name = self.name
-        detail = f": {self._scrub(err.message)}" if err.message else ""
+        detail = f": {_trim(self._scrub(err.message))}" if err.message.strip() else ""
         if err.type == "billing_error" or "insufficient_quota" in (err.code, err.type) or status == 402:
             return OutcomeKind.FATAL, (
                 f"The {name} account's quota or credit is exhausted ({status}); add credit or raise the limit, then resume."

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 from backfill.request import RateLimitInfo
@@ -30,11 +30,11 @@ def parse_duration(text: str) -> float | None:
 def parse_instant(text: str, now: float | None = None) -> float | None:
     """Anthropic's reset values are RFC 3339 instants; returns seconds from now (never negative)."""
     try:
-        at = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        at = datetime.fromisoformat(text.strip())
     except ValueError:
         return None
     if at.tzinfo is None:
-        at = at.replace(tzinfo=timezone.utc)
+        at = at.replace(tzinfo=UTC)
     return max(0.0, at.timestamp() - (time.time() if now is None else now))
 
 

@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from backfill.providers.base import Provider, Reply
 from backfill.providers.headers import openai_rate
-from backfill.request import Outcome, OutcomeKind, Request, Usage
+from backfill.request import Outcome, OutcomeKind, RateLimitInfo, Request, Usage
 
 AZURE_API_VERSION = "2024-10-21"
 
@@ -58,7 +58,7 @@ class OpenAIProvider(Provider):
             return reply
         outcome = self._chat_outcome(reply) if 200 <= reply.status < 300 else self._failure(reply, request.model)
         outcome.rate = openai_rate(reply.headers)
-        return outcome
+        return self._no_wait_cures(outcome, request)
 
     async def embed(self, requests: list[Request]) -> Outcome:
         if not requests:
@@ -75,6 +75,12 @@ class OpenAIProvider(Provider):
         )
         outcome.rate = openai_rate(reply.headers)
         return outcome
+
+    def _oversized(self, rate: RateLimitInfo, request: Request) -> str | None:
+        tokens = request.prompt_tokens + request.max_output_tokens
+        if rate.limit_tokens is not None and tokens > rate.limit_tokens:
+            return f"{tokens} tokens against {rate.limit_tokens} tokens/min"
+        return None
 
     def _chat_outcome(self, reply: Reply) -> Outcome:
         try:

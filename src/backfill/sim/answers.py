@@ -167,7 +167,7 @@ def _text_answer(words: str, rng: random.Random, model: str, max_tokens: int | N
     prefix_tokens = count_text(prefix)
     raw_target = max(1, int(target / _tokenizer_ratio(model)))  # filler is sized in cl100k tokens
     if prefix_tokens >= raw_target:
-        text = prefix[: max(1, len(prefix) * raw_target // prefix_tokens)] if capped else prefix
+        text = _cut_to_tokens(prefix, raw_target, "") if capped else prefix
     else:
         text = prefix + " " + " ".join(rng.choices(_FILLER, k=raw_target - prefix_tokens))
     return Answer(text, _capped_count(text, model, max_tokens), "length" if capped else "stop")
@@ -188,10 +188,20 @@ def _json_answer(value: Any, model: str, max_tokens: int | None, tool_name: str 
 
 
 def truncate(answer: Answer, model: str, keep: float = 0.5) -> Answer:
-    """The answer cut to about `keep` of its length, as when max_tokens runs out (finish "length")."""
-    text = answer.text[: int(len(answer.text) * keep)]
-    tokens = min(count_text(text, model), max(0, math.floor(answer.output_tokens * keep)))
-    return Answer(text, tokens, "length", answer.tool_name, None)
+    """The answer cut to `keep` of its tokens, as when max_tokens runs out (finish "length")."""
+    text = _cut_to_tokens(answer.text, math.floor(answer.output_tokens * keep), model)
+    return Answer(text, count_text(text, model), "length", answer.tool_name, None)
+
+
+def _cut_to_tokens(text: str, limit: int, model: str) -> str:
+    """A prefix of `text` (cut in proportion, then trimmed) that counts at most `limit` tokens."""
+    total = count_text(text, model)
+    if total <= limit:
+        return text
+    cut = text[: len(text) * limit // max(1, total)]
+    while cut and count_text(cut, model) > limit:
+        cut = cut[:-1]
+    return cut
 
 
 def _capped_count(text: str, model: str, max_tokens: int | None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,31 +29,41 @@ def _models(spec: str) -> dict[str, ModelInfo]:
 def sim_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8765,
-    key: Annotated[Optional[list[str]], typer.Option("--key", help="An API key to accept (repeatable); default: accept any key.")] = None,
-    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute per key and model.")] = None,
-    tpm: Annotated[Optional[float], typer.Option(help="OpenAI tokens per minute (prompt + max_tokens).")] = None,
-    input_tpm: Annotated[Optional[float], typer.Option(help="Anthropic input tokens per minute.")] = None,
-    output_tpm: Annotated[Optional[float], typer.Option(help="Anthropic output tokens per minute.")] = None,
+    key: Annotated[
+        list[str] | None, typer.Option("--key", help="An API key to accept (repeatable); default: accept any key.")
+    ] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute per key and model.")] = None,
+    tpm: Annotated[float | None, typer.Option(help="OpenAI tokens per minute (prompt + max_tokens).")] = None,
+    input_tpm: Annotated[float | None, typer.Option(help="Anthropic input tokens per minute.")] = None,
+    output_tpm: Annotated[float | None, typer.Option(help="Anthropic output tokens per minute.")] = None,
     burst_s: Annotated[float, typer.Option(help="Seconds of each limit that may be spent at once.")] = 1.0,
     latency: Annotated[float, typer.Option(help="Mean seconds to answer a request of mean output length.")] = 0.0,
     latency_sigma: Annotated[float, typer.Option(help="Lognormal spread of the latency.")] = 0.5,
     ttft: Annotated[float, typer.Option(help="Mean seconds to the first token (part of --latency).")] = 0.0,
     output_tokens: Annotated[float, typer.Option(help="Mean output tokens of a text answer.")] = 64.0,
-    max_concurrency: Annotated[Optional[int], typer.Option(help="Requests served at once; the rest queue.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests served at once; the rest queue.")] = None,
     error_rate_500: Annotated[float, typer.Option(help="Fraction of requests answered 500.")] = 0.0,
     error_rate_503: Annotated[float, typer.Option(help="Fraction of requests answered 503.")] = 0.0,
-    error_rate_529: Annotated[float, typer.Option(help="Fraction answered 529 overloaded (503 on OpenAI paths).")] = 0.0,
+    error_rate_529: Annotated[
+        float, typer.Option(help="Fraction answered 529 overloaded (503 on OpenAI paths).")
+    ] = 0.0,
     hang_rate: Annotated[float, typer.Option(help="Fraction of requests held for --hang-s before answering.")] = 0.0,
     hang_s: Annotated[float, typer.Option(help="Seconds a hanging request is held.")] = 30.0,
     reset_rate: Annotated[float, typer.Option(help="Fraction of connections closed without a response.")] = 0.0,
     malformed_rate: Annotated[float, typer.Option(help="Fraction of 200 answers with a broken JSON body.")] = 0.0,
     truncate_rate: Annotated[float, typer.Option(help="Fraction of answers cut short (finish_reason length).")] = 0.0,
-    quota_exhausted: Annotated[bool, typer.Option(help="Refuse every request as out of quota (insufficient_quota).")] = False,
-    outage: Annotated[Optional[list[str]], typer.Option(help="START:END:STATUS seconds after start, e.g. 30:40:429 (repeatable).")] = None,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.")] = None,
+    quota_exhausted: Annotated[
+        bool, typer.Option(help="Refuse every request as out of quota (insufficient_quota).")
+    ] = False,
+    outage: Annotated[
+        list[str] | None, typer.Option(help="START:END:STATUS seconds after start, e.g. 30:40:429 (repeatable).")
+    ] = None,
+    models: Annotated[
+        str | None, typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.")
+    ] = None,
     embedding_dim: Annotated[int, typer.Option(help="Default embedding dimension.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the fault and latency draws.")] = 0,
-    log: Annotated[Optional[Path], typer.Option("--log", help="Append every request to this JSONL file.")] = None,
+    log: Annotated[Path | None, typer.Option("--log", help="Append every request to this JSONL file.")] = None,
 ) -> None:
     """Run a local OpenAI- and Anthropic-compatible server with rate limits, latency and faults."""
     limits = KeyLimits(rpm=rpm, tpm=tpm, input_tpm=input_tpm, output_tpm=output_tpm, quota_exhausted=quota_exhausted)
@@ -81,6 +91,7 @@ def sim_command(
             embedding_dim=embedding_dim,
             seed=seed,
             log_path=log,
+            log_in_memory=False,  # nobody reads it in a CLI run; --log is the record
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -97,7 +108,9 @@ async def _serve(sim: Simulator) -> None:
     try:
         await sim.start()
     except OSError as exc:
-        raise typer.BadParameter(f"Cannot listen on {sim.host}:{sim.port} ({exc.strerror}); pick another --port.") from None
+        raise typer.BadParameter(
+            f"Cannot listen on {sim.host}:{sim.port} ({exc.strerror}); pick another --port."
+        ) from None
     typer.echo(f"backfill sim listening on {sim.url} (OpenAI base URL {sim.base_url}); Ctrl-C to stop", err=False)
     try:
         await stop.wait()

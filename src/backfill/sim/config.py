@@ -77,7 +77,9 @@ class Faults:
     truncate: float = 0.0
 
     def total(self) -> float:
-        return self.error_500 + self.error_503 + self.error_529 + self.hang + self.reset + self.malformed + self.truncate
+        return (
+            self.error_500 + self.error_503 + self.error_529 + self.hang + self.reset + self.malformed + self.truncate
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +100,9 @@ class Outage:
             start, end = float(parts[0]), float(parts[1])
             status = int(parts[2]) if len(parts) == 3 else 503
         except ValueError:
-            raise ValueError(f"Outage {text!r} is not START:END:STATUS with numbers; write it like 30:40:429.") from None
+            raise ValueError(
+                f"Outage {text!r} is not START:END:STATUS with numbers; write it like 30:40:429."
+            ) from None
         if end <= start or status not in (429, 500, 503, 529):
             raise ValueError(f"Outage {text!r} needs END after START and STATUS one of 429, 500, 503, 529.")
         return cls(start, end, status)
@@ -117,6 +121,8 @@ class SimConfig:
     output_tokens_mean, output_tokens_sigma: lognormal length of text answers, capped by max_tokens.
     max_concurrency: requests served at once; the rest queue (like a self-hosted server). None = no cap.
     default_max_tokens: what an OpenAI request without max_tokens is charged for its output.
+    log_path: append every request to this JSONL file. log_in_memory: also keep entries in `sim.log`
+        (turn off for long rehearsals; a million entries take a few hundred MB).
     """
 
     keys: dict[str, KeyLimits] = field(default_factory=dict)
@@ -135,6 +141,7 @@ class SimConfig:
     embedding_dim: int = 64
     seed: int = 0
     log_path: Path | None = None
+    log_in_memory: bool = True
 
     def __post_init__(self) -> None:
         if self.faults.total() > 1.0 + 1e-9:

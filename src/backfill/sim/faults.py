@@ -13,7 +13,7 @@ import random
 from backfill.sim.config import Faults, Outage
 
 
-class Fault(str, enum.Enum):
+class Fault(enum.StrEnum):
     ERROR_500 = "500"
     ERROR_503 = "503"
     ERROR_529 = "529"

@@ -38,16 +38,18 @@ class WindowCount:
 
 
 class RequestLog:
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, in_memory: bool = True) -> None:
         self.entries: list[LogEntry] = []
         self.path = path
+        self.in_memory = in_memory
         self._file: IO[str] | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", buffering=1, encoding="utf-8")  # line-buffered: tail-able
 
     def append(self, entry: LogEntry) -> None:
-        self.entries.append(entry)
+        if self.in_memory:
+            self.entries.append(entry)
         if self._file is not None:
             self._file.write(json.dumps(asdict(entry), separators=(",", ":")) + "\n")
 
@@ -82,7 +84,7 @@ class RequestLog:
                 i = int(e.t // window_s)
                 requests[i] += 1
                 tokens[i] += e.charged_tokens
-        return [WindowCount(i * window_s, r, k) for i, (r, k) in enumerate(zip(requests, tokens))]
+        return [WindowCount(i * window_s, r, k) for i, (r, k) in enumerate(zip(requests, tokens, strict=True))]
 
     def peak_window(self, window_s: float) -> WindowCount:
         """The most admitted requests, and separately the most charged tokens, in any window of `window_s`."""

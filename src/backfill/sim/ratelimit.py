@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from backfill.sim.config import KeyLimits
 
@@ -53,6 +53,8 @@ class Bucket:
         self.level = min(self.capacity, self.level + amount)
 
     def remaining(self) -> int:
+        if self.capacity < 1 <= self.limit and self.level >= self.capacity:
+            return 1  # a bucket smaller than one unit (e.g. 5 requests/min) admits one when full
         return max(0, int(self.level))
 
     def reset_s(self) -> float:
@@ -166,4 +168,4 @@ def format_duration(seconds: float) -> str:
 
 def format_instant(epoch_s: float) -> str:
     """RFC 3339 in UTC at whole seconds, rounded up (Anthropic's reset headers)."""
-    return datetime.fromtimestamp(math.ceil(epoch_s), tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(math.ceil(epoch_s), tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

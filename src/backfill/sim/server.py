@@ -3,6 +3,12 @@
 `Simulator` runs in-process on an ephemeral port (`async with Simulator(cfg) as sim`) or in a
 background thread with its own loop for synchronous callers (`with Simulator(cfg) as sim`, or
 `start_in_thread()` / `stop()`).
+
+A request meets, in order: its JSON body (400), its key (401), its model (404), validation and the
+context window (400), a scheduled outage, an exhausted quota, the rate limits (429), then one fault
+draw. A faulted request still counts against the limits. Responses on a lane with limits (key and
+model known) carry the rate-limit headers; 401, 404 and unparseable bodies do not, as at the
+providers. Streaming is not simulated (400).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import random
 import threading
 import time
 from array import array
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
 
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
@@ -61,7 +68,11 @@ class _Reply(Exception):
 
 
 def _openai_error(
-    status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -84,7 +95,7 @@ class Simulator:
         self.config = config or SimConfig()
         self.host = host
         self.port = port
-        self.log = RequestLog(self.config.log_path)
+        self.log = RequestLog(self.config.log_path, self.config.log_in_memory)
         self._faults = FaultInjector(self.config.faults, self.config.outages, self.config.seed)
         self._latency_rng = random.Random(self.config.seed + 1)
         self._lengths = Lengths(self.config.output_tokens_mean, self.config.output_tokens_sigma)
@@ -194,26 +205,29 @@ class Simulator:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
-        entry = LogEntry(0.0, "", path, "", 0, "", 0, 0, 0.0, False, 0)
         started = time.monotonic()
-        anthropic = path == "/v1/messages" or "x-api-key" in request.headers or "anthropic-version" in request.headers
+        entry = LogEntry(started - self._t0, "", path, "", 0, "", 0, 0, 0.0, False, 0)
         try:
-            if request.method == "POST" and path in self._post:
-                response = await self._post[path](request, entry)
+            endpoint = self._post.get(path) if request.method == "POST" else None
+            if endpoint is not None:
+                response = await endpoint(request, entry)
             elif request.method == "GET" and (path == "/v1/models" or path.startswith("/v1/models/")):
-                response = self._models(request, entry, anthropic)
+                response = self._models(request, entry, self._is_anthropic(request))
             else:
-                response = self._not_found(path, anthropic)
+                response = self._not_found(path, self._is_anthropic(request))
         except _Reply as reply:
             response, entry.event = reply.response, reply.event or entry.event
-        if entry.t == 0.0:
-            entry.t = started - self._t0
         entry.latency_s = time.monotonic() - started
         entry.status = 0 if response is None else response.status
         self.log.append(entry)
         if response is None:  # connection reset: nothing may be written
             raise asyncio.CancelledError
         return response
+
+    @staticmethod
+    def _is_anthropic(request: web.BaseRequest) -> bool:
+        headers = request.headers
+        return request.path == "/v1/messages" or "x-api-key" in headers or "anthropic-version" in headers
 
     def _not_found(self, path: str, anthropic: bool) -> web.Response:
         if anthropic:
@@ -288,7 +302,11 @@ class Simulator:
         return model, info
 
     def _bad_request(
-        self, message: str, anthropic: bool, param: str | None = None, code: str | None = None,
+        self,
+        message: str,
+        anthropic: bool,
+        param: str | None = None,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> web.Response:
         if anthropic:
@@ -304,20 +322,30 @@ class Simulator:
     def _request_id(self, prefix: str) -> str:
         return f"{prefix}{next(self._ids):012x}"
 
-    def _gate(self, entry: LogEntry, limits: KeyLimits, anthropic: bool, headers: dict[str, str]) -> None:
+    @staticmethod
+    def _lane_headers(lane: Lane, anthropic: bool) -> dict[str, str]:
+        now = time.monotonic()
+        return lane.anthropic_headers(now) if anthropic else lane.openai_headers(now)
+
+    def _gate(self, entry: LogEntry, limits: KeyLimits, anthropic: bool, lane: Lane) -> None:
         """Refuse the request if a scheduled outage covers its arrival or its key is out of quota."""
         outage = self._faults.outage_at(entry.t)
+        if outage is None and not limits.quota_exhausted:
+            return
+        headers = self._lane_headers(lane, anthropic)
         if outage is not None:
             if outage.status == 429:
                 wait = _retry_headers(outage.end_s - entry.t)
-                raise _Reply(self._rate_limited("requests", "the simulator's scheduled outage", anthropic, {**headers, **wait}), "outage")
+                raise _Reply(
+                    self._rate_limited("requests", "the simulator's scheduled outage", anthropic, {**headers, **wait}),
+                    "outage",
+                )
             raise _Reply(self._server_error(outage.status, anthropic, headers), "outage")
-        if limits.quota_exhausted:
-            if anthropic:
-                message = "Your credit balance is too low to access the API; add credits to this account."
-                raise _Reply(_anthropic_error(400, "invalid_request_error", message, headers), "quota")
-            message = "You exceeded your current quota; check your plan and billing details."
-            raise _Reply(_openai_error(429, message, "insufficient_quota", "insufficient_quota", None, headers), "quota")
+        if anthropic:
+            message = "Your credit balance is too low to access the API; add credits to this account."
+            raise _Reply(_anthropic_error(400, "invalid_request_error", message, headers), "quota")
+        message = "You exceeded your current quota; check your plan and billing details."
+        raise _Reply(_openai_error(429, message, "insufficient_quota", "insufficient_quota", None, headers), "quota")
 
     def _rate_limited(self, type_: str, message: str, anthropic: bool, headers: dict[str, str]) -> web.Response:
         if anthropic:
@@ -370,12 +398,14 @@ class Simulator:
         return base * self._latency_rng.lognormvariate(-sigma * sigma / 2, sigma)
 
     async def _serve_fault(
-        self, fault: Fault | None, request: web.BaseRequest, entry: LogEntry, anthropic: bool, headers: dict[str, str]
+        self, fault: Fault | None, request: web.BaseRequest, entry: LogEntry, anthropic: bool, lane: Lane
     ) -> None:
         """Apply a fault drawn for an admitted request that ends it early (errors, resets) or delays it."""
-        if fault is None or fault is Fault.TRUNCATE or fault is Fault.MALFORMED:
+        if fault is None:
             return
         entry.event = fault.value
+        if fault is Fault.TRUNCATE or fault is Fault.MALFORMED:
+            return
         if fault is Fault.RESET:
             if request.transport is not None:
                 request.transport.abort()
@@ -384,7 +414,7 @@ class Simulator:
             await self._wait(self.config.faults.hang_s)
             return
         status = {Fault.ERROR_500: 500, Fault.ERROR_503: 503}.get(fault, 529 if anthropic else 503)
-        raise _Reply(self._server_error(status, anthropic, headers), fault.value)
+        raise _Reply(self._server_error(status, anthropic, self._lane_headers(lane, anthropic)), fault.value)
 
     async def _wait(self, seconds: float) -> None:
         if self._slots is None:
@@ -411,7 +441,9 @@ class Simulator:
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise _Reply(self._bad_request("messages must be a non-empty array of message objects.", False, "messages"))
         if body.get("stream"):
-            raise _Reply(self._bad_request("The simulator does not stream; send the request without stream.", False, "stream"))
+            raise _Reply(
+                self._bad_request("The simulator does not stream; send the request without stream.", False, "stream")
+            )
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise _Reply(self._bad_request("max_tokens must be a positive integer.", False, "max_tokens"))
@@ -421,22 +453,22 @@ class Simulator:
         entry.request_hash = digest.hex()
         prompt_tokens = entry.prompt_tokens = count_messages(messages, model)
         lane = self._lane(key, model, limits, now)
-        headers = lane.openai_headers(now)
         if prompt_tokens + (max_tokens or 0) > info.context_window:
             message = (
                 f"This model's maximum context length is {info.context_window} tokens. However, you requested "
                 f"{prompt_tokens + (max_tokens or 0)} tokens ({prompt_tokens} in the messages, {max_tokens or 0} in "
                 "the completion). Please reduce the length of the messages or completion."
             )
+            headers = lane.openai_headers(now)
             raise _Reply(self._bad_request(message, False, "messages", "context_length_exceeded", headers), "context")
-        self._gate(entry, limits, False, headers)
+        self._gate(entry, limits, False, lane)
         charge = prompt_tokens + (max_tokens or self.config.default_max_tokens)
         refusal = lane.admit_openai(charge, now)
         if refusal is not None:
             raise self._refused(refusal, model, False, lane.openai_headers(now))
         entry.admitted, entry.charged_tokens = True, charge
         fault = self._faults.draw()
-        await self._serve_fault(fault, request, entry, False, headers)
+        await self._serve_fault(fault, request, entry, False, lane)
         answer = chat_answer(body, self._lengths, digest)
         if fault is Fault.TRUNCATE:
             answer = truncate(answer, model)
@@ -448,8 +480,12 @@ class Simulator:
             "created": int(time.time()),
             "model": model,
             "choices": [
-                {"index": 0, "message": self._openai_message(answer), "logprobs": None,
-                 "finish_reason": answer.openai_finish_reason}
+                {
+                    "index": 0,
+                    "message": self._openai_message(answer),
+                    "logprobs": None,
+                    "finish_reason": answer.openai_finish_reason,
+                }
             ],
             "usage": {
                 "prompt_tokens": prompt_tokens,
@@ -465,8 +501,11 @@ class Simulator:
     def _openai_message(self, answer: Answer) -> dict[str, Any]:
         if answer.tool_name is None:
             return {"role": "assistant", "content": answer.text, "refusal": None}
-        call = {"id": self._request_id("call_"), "type": "function",
-                "function": {"name": answer.tool_name, "arguments": answer.text}}
+        call = {
+            "id": self._request_id("call_"),
+            "type": "function",
+            "function": {"name": answer.tool_name, "arguments": answer.text},
+        }
         return {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
 
     async def _embeddings(self, request: web.BaseRequest, entry: LogEntry) -> web.StreamResponse | None:
@@ -476,7 +515,9 @@ class Simulator:
         texts = self._embedding_inputs(body.get("input"))
         dim = body.get("dimensions", self.config.embedding_dim)
         if not isinstance(dim, int) or not 1 <= dim <= _MAX_DIMENSIONS:
-            raise _Reply(self._bad_request(f"dimensions must be an integer from 1 to {_MAX_DIMENSIONS}.", False, "dimensions"))
+            raise _Reply(
+                self._bad_request(f"dimensions must be an integer from 1 to {_MAX_DIMENSIONS}.", False, "dimensions")
+            )
         encoding = body.get("encoding_format", "float")
         if encoding not in ("float", "base64"):
             raise _Reply(self._bad_request("encoding_format must be 'float' or 'base64'.", False, "encoding_format"))
@@ -487,34 +528,42 @@ class Simulator:
         counts = [len(t) if isinstance(t, list) else count_text(t, model) for t in texts]
         total = entry.prompt_tokens = sum(counts)
         lane = self._lane(key, model, limits, now)
-        headers = lane.openai_headers(now)
         longest = max(counts)
-        if longest > info.context_window:
-            message = (
-                f"This model's maximum context length is {info.context_window} tokens, however you requested "
-                f"{longest} tokens in one input. Please reduce your input."
-            )
-            raise _Reply(self._bad_request(message, False, "input", "context_length_exceeded", headers), "context")
-        if total > _MAX_EMBEDDING_TOKENS:
-            message = f"Requested {total} tokens, max {_MAX_EMBEDDING_TOKENS} tokens per request; send fewer inputs."
-            raise _Reply(self._bad_request(message, False, "input", "max_tokens_per_request", headers), "context")
-        self._gate(entry, limits, False, headers)
+        if longest > info.context_window or total > _MAX_EMBEDDING_TOKENS:
+            self._too_long(lane, info, longest, total)
+        self._gate(entry, limits, False, lane)
         refusal = lane.admit_openai(total, now)
         if refusal is not None:
             raise self._refused(refusal, model, False, lane.openai_headers(now))
         entry.admitted, entry.charged_tokens = True, total
         fault = self._faults.draw()
-        await self._serve_fault(fault, request, entry, False, headers)
+        await self._serve_fault(fault, request, entry, False, lane)
         data = []
         for i, text in enumerate(texts):
             vector = embedding_vector(text if isinstance(text, str) else " ".join(map(str, text)), model, dim)
             value: Any = base64.b64encode(array("f", vector).tobytes()).decode() if encoding == "base64" else vector
             data.append({"object": "embedding", "index": i, "embedding": value})
         await self._wait(self._latency(0))
-        payload = {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": total, "total_tokens": total}}
+        payload = {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
         headers = lane.openai_headers(time.monotonic())
         headers["x-request-id"] = self._request_id("req_")
         return self._finish(payload, fault, headers)
+
+    def _too_long(self, lane: Lane, info: ModelInfo, longest: int, total: int) -> NoReturn:
+        headers = self._lane_headers(lane, False)
+        if longest > info.context_window:
+            message = (
+                f"This model's maximum context length is {info.context_window} tokens, however you requested "
+                f"{longest} tokens in one input. Please reduce your input."
+            )
+            raise _Reply(self._bad_request(message, False, "input", "context_length_exceeded", headers), "context")
+        message = f"Requested {total} tokens, max {_MAX_EMBEDDING_TOKENS} tokens per request; send fewer inputs."
+        raise _Reply(self._bad_request(message, False, "input", "max_tokens_per_request", headers), "context")
 
     def _embedding_inputs(self, raw: Any) -> list[str | list[int]]:
         if isinstance(raw, str):
@@ -539,7 +588,7 @@ class Simulator:
 
     def _models(self, request: web.BaseRequest, entry: LogEntry, anthropic: bool) -> web.Response:
         self._authenticate(request, entry, anthropic)
-        wanted = request.path[len("/v1/models/"):] if request.path.startswith("/v1/models/") else None
+        wanted = request.path[len("/v1/models/") :] if request.path.startswith("/v1/models/") else None
         names = list(self.config.models) if wanted is None else [wanted]
         if wanted is not None and wanted not in self.config.models:
             entry.model = wanted
@@ -548,9 +597,7 @@ class Simulator:
             message = f"The model `{wanted}` does not exist or you do not have access to it."
             return _openai_error(404, message, "invalid_request_error", "model_not_found")
         if anthropic:
-            items = [
-                {"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"} for n in names
-            ]
+            items = [{"type": "model", "id": n, "display_name": n, "created_at": "2025-01-01T00:00:00Z"} for n in names]
             payload: dict[str, Any] = (
                 items[0] if wanted else {"data": items, "has_more": False, "first_id": names[0], "last_id": names[-1]}
             )
@@ -572,7 +619,9 @@ class Simulator:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise _Reply(self._bad_request("max_tokens: Field required (a positive integer).", True))
         if body.get("stream"):
-            raise _Reply(self._bad_request("stream: the simulator does not stream; send the request without stream.", True))
+            raise _Reply(
+                self._bad_request("stream: the simulator does not stream; send the request without stream.", True)
+            )
         now = time.monotonic()
         entry.t = now - self._t0
         digest = request_digest(body)
@@ -581,18 +630,19 @@ class Simulator:
         counted = [{"role": "system", "content": content_text(system)}, *messages] if system else messages
         input_tokens = entry.prompt_tokens = count_messages(counted, model)
         lane = self._lane(key, model, limits, now)
-        headers = lane.anthropic_headers(now)
         if input_tokens + max_tokens > info.context_window:
-            message = f"prompt is too long: {input_tokens} tokens + max_tokens {max_tokens} > {info.context_window} maximum"
-            raise _Reply(self._bad_request(message, True, headers=headers), "context")
-        self._gate(entry, limits, True, headers)
+            message = (
+                f"prompt is too long: {input_tokens} tokens + max_tokens {max_tokens} > {info.context_window} maximum"
+            )
+            raise _Reply(self._bad_request(message, True, headers=lane.anthropic_headers(now)), "context")
+        self._gate(entry, limits, True, lane)
         refusal = lane.admit_anthropic(input_tokens, max_tokens, now)
         if refusal is not None:
             raise self._refused(refusal, model, True, lane.anthropic_headers(now))
         entry.admitted, entry.charged_tokens = True, input_tokens
         fault = self._faults.draw()
         try:
-            await self._serve_fault(fault, request, entry, True, headers)
+            await self._serve_fault(fault, request, entry, True, lane)
         except _Reply:
             lane.correct_output(max_tokens, 0, time.monotonic())
             raise
@@ -604,8 +654,12 @@ class Simulator:
         if answer.tool_name is None:
             block: dict[str, Any] = {"type": "text", "text": answer.text}
         else:
-            block = {"type": "tool_use", "id": self._request_id("toolu_"), "name": answer.tool_name,
-                     "input": answer.data if answer.data is not None else {}}
+            block = {
+                "type": "tool_use",
+                "id": self._request_id("toolu_"),
+                "name": answer.tool_name,
+                "input": answer.data if answer.data is not None else {},
+            }
         payload = {
             "id": self._request_id("msg_"),
             "type": "message",
