@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 from backfill.engine.estimate import Estimate, estimate
 from backfill.engine.plan import Plan, make_plan
-from backfill.engine.runner import JobRunner, RunResult
+from backfill.engine.runner import JobRunner, RunResult, lane_limits
 from backfill.engine.stats import JobStats
 from backfill.errors import BudgetExceeded
+from backfill.limits import LaneLimiter, LaneLimits
 from backfill.providers import get_provider
 from backfill.sim import KeyLimits, SimConfig, Simulator
 from backfill.spec import JobSpec
@@ -25,7 +26,7 @@ DEFAULT_STATE_DIR = ".backfill"
 
 def builtin_sim_config() -> SimConfig:
     """The simulator the quickstart runs on: limits like a modest paid tier, short latency."""
-    return SimConfig(default_limits=KeyLimits(rpm=3000, tpm=2_000_000), latency_s=0.3, latency_sigma=0.3)
+    return SimConfig(default_limits=KeyLimits(rpm=3000, tpm=2_000_000), latency_s=0.3, latency_sigma=0.3, log_in_memory=False)
 
 
 def open_store(state_dir: str | Path | None) -> Store:
@@ -54,9 +55,16 @@ async def run_job(
     state_dir: str | Path | None = None,
     on_start: Callable[[JobRunner], None] | None = None,
     handle_signals: bool = False,
+    api_key: str | None = None,
+    limiter_for: Callable[[str, LaneLimits], LaneLimiter] | None = None,
 ) -> RunResult:
-    """Plan and run one job to its end (or until stopped); `on_start` gets the runner, e.g. to show progress."""
-    plan = make_plan(spec, data)
+    """Plan and run one job to its end (or until stopped).
+
+    `on_start` gets the runner (to show progress or stop it); `api_key` replaces the key
+    from the environment (a server's named credential); `limiter_for(lane id, limits)`
+    returns the limiter to share with other jobs on the same lane (default: one per job).
+    """
+    plan = make_plan(spec, data, api_key=api_key)
     store = open_store(state_dir)
     try:
         check_budget(plan, store)
@@ -74,7 +82,10 @@ async def run_job(
                 max_connections=spec.limits.max_in_flight,
             )
             await stack.enter_async_context(provider)
-            runner = JobRunner(plan, store, provider)
+            limiter = None
+            if limiter_for is not None:
+                limiter = limiter_for(f"{provider.lane_id}|{spec.task.model}", lane_limits(spec, provider))
+            runner = JobRunner(plan, store, provider, limiter=limiter)
             if handle_signals:
                 _install_signals(runner)
             if on_start:

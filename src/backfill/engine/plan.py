@@ -111,8 +111,11 @@ def request_key(provider: str, model: str, body: Any, params: dict[str, Any], sc
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def make_plan(spec: JobSpec, data: Any = None) -> Plan:
-    """Check `spec` (and the in-memory `data`, when given instead of a path) and resolve it into a Plan."""
+def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None) -> Plan:
+    """Check `spec` (and the in-memory `data`, when given instead of a path) and resolve it into a Plan.
+
+    `api_key`, when given, is used instead of the one in the environment.
+    """
     task = spec.task
     if data is None and not spec.input.path:
         raise SpecError("Job spec field 'input.path': no input given; pass --input FILE or a frame.")
@@ -129,7 +132,7 @@ def make_plan(spec: JobSpec, data: Any = None) -> Plan:
             f"Model '{task.model}' has no known price; check the name or add [prices.\"{task.model}\"]"
             " with input and output (USD per 1M tokens) to the job file."
         )
-    api_key = _api_key(spec)
+    api_key = api_key or _api_key(spec)
     if spec.output.path:
         check_writable(spec.output.path, spec.output.format)
     rows_total = source.num_rows()

@@ -24,9 +24,10 @@ from backfill.engine.plan import Plan
 from backfill.engine.stats import JobStats
 from backfill.errors import BackfillError, FatalProviderError
 from backfill.io import Sink, output_table
-from backfill.limits import LaneLimits, Limiter
+from backfill.limits import LaneLimiter, LaneLimits, Limiter
 from backfill.providers import Provider
 from backfill.request import Outcome, OutcomeKind, Request
+from backfill.spec import JobSpec
 from backfill.store import CachedResponse, DeadLetter, Store
 
 # Statuses a job ends in when this process stops it without finishing.
@@ -79,25 +80,28 @@ class _Stop:
     hard: bool  # cancel what is in flight instead of waiting for it
 
 
+def lane_limits(spec: JobSpec, provider: Provider) -> LaneLimits:
+    lim = spec.limits
+    return LaneLimits(
+        rpm=lim.rpm,
+        tpm=lim.tpm,
+        input_tpm=lim.input_tpm,
+        output_tpm=lim.output_tpm,
+        max_in_flight=lim.max_in_flight,
+        refund_output=provider.refunds_output_tokens,
+    )
+
+
 class JobRunner:
     """Run a planned job against a provider, recording everything in the store."""
 
-    def __init__(self, plan: Plan, store: Store, provider: Provider, *, limiter: Limiter | None = None):
+    def __init__(self, plan: Plan, store: Store, provider: Provider, *, limiter: LaneLimiter | None = None):
         self.plan = plan
         self.spec = plan.spec
         self.store = store
         self.provider = provider
         lim = self.spec.limits
-        self.limiter = limiter or Limiter(
-            LaneLimits(
-                rpm=lim.rpm,
-                tpm=lim.tpm,
-                input_tpm=lim.input_tpm,
-                output_tpm=lim.output_tpm,
-                max_in_flight=lim.max_in_flight,
-                refund_output=provider.refunds_output_tokens,
-            )
-        )
+        self.limiter = limiter or Limiter(lane_limits(self.spec, provider))
         self.stats = JobStats(job_id=plan.job_id, rows_total=plan.rows_total)
         self.breaker = CircuitBreaker()
         self._queue: deque[Row] = deque()

@@ -1,0 +1,116 @@
+"""Fair sharing of one lane between jobs: weighted fair queuing in front of the lane's limiter.
+
+Each job gets a view with the limiter's interface. When several jobs wait, the next
+admission goes to the job that has been served least relative to its weight (its
+virtual time: admissions ÷ weight), so two equal weights split the lane half and half
+and weights 3:1 three quarters to one quarter. A job that was idle does not bank
+credit: it re-enters at the current virtual time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+from backfill.limits import LaneLimiter, LimiterStats, Ticket
+from backfill.request import RateLimitInfo, Usage
+
+
+@dataclass(eq=False)
+class _Share:
+    name: str
+    weight: float
+    vtime: float = 0.0
+    waiters: deque[tuple[int, int, asyncio.Future[Ticket]]] = field(default_factory=deque)
+
+
+class FairShare:
+    """One lane's limiter shared by many jobs; `for_job` hands out each job's view."""
+
+    def __init__(self, limiter: LaneLimiter):
+        self.limiter = limiter
+        self._shares: dict[str, _Share] = {}
+        self._granting = False
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.admitted: dict[str, int] = {}
+
+    def for_job(self, name: str, weight: float = 1.0) -> JobLimiter:
+        share = self._shares.get(name)
+        if share is None:
+            share = self._shares[name] = _Share(name, weight, vtime=self._now())
+        share.weight = weight
+        return JobLimiter(self, share)
+
+    def set_weight(self, name: str, weight: float) -> None:
+        if name in self._shares:
+            self._shares[name].weight = weight
+
+    def _now(self) -> float:
+        active = [s.vtime for s in self._shares.values() if s.waiters]
+        return min(active) if active else max((s.vtime for s in self._shares.values()), default=0.0)
+
+    def _enqueue(self, share: _Share, input_tokens: int, output_tokens: int) -> asyncio.Future[Ticket]:
+        if not share.waiters:
+            share.vtime = max(share.vtime, self._now())  # no credit banked while idle
+        fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
+        share.waiters.append((input_tokens, output_tokens, fut))
+        self._wakeup.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._grant())
+        return fut
+
+    async def _grant(self) -> None:
+        """Admit one request at a time through the limiter, always for the most under-served job."""
+        while True:
+            waiting = [s for s in self._shares.values() if s.waiters]
+            if not waiting:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            share = min(waiting, key=lambda s: s.vtime)
+            input_tokens, output_tokens, fut = share.waiters[0]
+            if fut.done():  # the caller gave up
+                share.waiters.popleft()
+                continue
+            ticket = await self.limiter.acquire(input_tokens, output_tokens)
+            share.waiters.popleft()
+            if fut.done():
+                self.limiter.release(ticket, success=False)
+                continue
+            share.vtime += 1 / share.weight
+            self.admitted[share.name] = self.admitted.get(share.name, 0) + 1
+            fut.set_result(ticket)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class JobLimiter(LaneLimiter):
+    """A job's view of a shared lane: same interface as the lane's limiter."""
+
+    def __init__(self, fair: FairShare, share: _Share):
+        self._fair = fair
+        self._share = share
+
+    async def acquire(self, input_tokens: int, output_tokens: int) -> Ticket:
+        fut = self._fair._enqueue(self._share, input_tokens, output_tokens)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._fair.limiter.release(fut.result(), success=False)
+            fut.cancel()
+            raise
+
+    def release(self, ticket: Ticket, *, usage: Usage | None = None, rate: RateLimitInfo | None = None, success: bool = True) -> None:
+        self._fair.limiter.release(ticket, usage=usage, rate=rate, success=success)
+
+    def rate_limited(self, ticket: Ticket, *, retry_after: float | None, rate: RateLimitInfo | None) -> None:
+        self._fair.limiter.rate_limited(ticket, retry_after=retry_after, rate=rate)
+
+    def stats(self) -> LimiterStats:
+        return self._fair.limiter.stats()
