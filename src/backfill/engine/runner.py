@@ -152,6 +152,7 @@ class JobRunner:
         self._spent_before = job.spent_usd
         self.stats.cost_usd = job.spent_usd
         self.stats.rows_ok, self.stats.rows_failed = job.rows_ok, job.rows_failed
+        self.stats.rows_before = job.rows_done
         done = store.done_chunks(plan.job_id)
         self._chunks_left = plan.chunks_total - len(done)
         if self._chunks_left == 0:

@@ -14,6 +14,7 @@ class JobStats:
     rows_ok: int = 0
     rows_failed: int = 0
     rows_from_cache: int = 0
+    rows_before: int = 0  # rows done by earlier runs of this job (resume)
     requests_sent: int = 0
     rate_limited: int = 0
     retries: int = 0
@@ -51,7 +52,7 @@ class JobStats:
 
     def eta_s(self) -> float | None:
         elapsed = time.monotonic() - self.started
-        done = self.rows_done - self.rows_from_cache
+        done = self.rows_done - self.rows_before - self.rows_from_cache
         if done <= 0 or elapsed <= 0:
             return None
         return self.rows_left / (done / elapsed)
