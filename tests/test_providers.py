@@ -146,7 +146,7 @@ async def test_openai_chat_request_and_response(llm: FakeLLM) -> None:
         **params,
         "response_format": {
             "type": "json_schema",
-            "json_schema": {"name": "label_row", "schema": SCHEMA, "strict": True},
+            "json_schema": {"name": "label_row", "schema": SCHEMA, "strict": False},  # SCHEMA allows extra keys
         },
     }
     assert (out.kind, out.status, out.text, out.finish_reason) == (OutcomeKind.OK, 200, '{"label": "a"}', "stop")
@@ -525,3 +525,13 @@ def test_header_parsing() -> None:
     later = datetime.now(UTC) + timedelta(seconds=120)
     assert 110 <= (parse_retry_after({"retry-after": format_datetime(later, usegmt=True)}) or 0) <= 121
     assert parse_retry_after({}) is None and parse_retry_after({"retry-after": "whenever"}) is None
+
+
+def test_strict_structured_output_only_for_schemas_openai_accepts_as_strict() -> None:
+    from backfill.providers.openai import _strict_ok
+
+    strict = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"], "additionalProperties": False}
+    assert _strict_ok(strict)
+    assert not _strict_ok({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+    nested = {**strict, "properties": {"a": {"type": "object", "properties": {"b": {"type": "integer"}}}}}
+    assert not _strict_ok(nested)

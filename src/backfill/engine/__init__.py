@@ -76,7 +76,7 @@ async def run_job(
                     base_url = sim.base_url
                 provider_name = "openai"
             provider = get_provider(provider_name)(
-                base_url=base_url or _default_base_url(provider_name),
+                base_url=base_url,
                 api_key=plan.api_key,
                 timeout_s=spec.task.timeout_s,
                 max_connections=spec.limits.max_in_flight,
@@ -93,10 +93,6 @@ async def run_job(
             return await runner.run()
     finally:
         store.close()
-
-
-def _default_base_url(provider: str) -> str:
-    return {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}.get(provider, "")
 
 
 def _install_signals(runner: JobRunner) -> None:

@@ -32,6 +32,9 @@ from backfill.store import CachedResponse, DeadLetter, Store
 
 # Statuses a job ends in when this process stops it without finishing.
 PAUSED = "paused"
+# When this many requests in a row are rejected before any succeeds, the request itself is wrong
+# (a bad parameter or schema), not the rows: stop instead of dead-lettering the whole table.
+REJECTED_BEFORE_STOP = 20
 
 
 @dataclass(slots=True)
@@ -114,6 +117,7 @@ class JobRunner:
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._reserved_usd = 0.0
+        self._rejected_before_any_ok = 0
         self._spent_before = 0.0
         self._validator = jsonschema.Draft202012Validator(self.spec.task.schema_) if self.spec.task.schema_ else None
         self._sink = Sink(
@@ -346,6 +350,7 @@ class JobRunner:
             return
         self.limiter.release(ticket, usage=outcome.usage, rate=outcome.rate, success=kind is OutcomeKind.OK)
         if kind is OutcomeKind.OK:
+            self.stats.requests_ok += 1
             self._accept(rows, outcome)
         elif kind is OutcomeKind.RETRY:
             for r in rows:
@@ -357,6 +362,9 @@ class JobRunner:
                     self._requeue(r)
             else:
                 self._dead(rows[0], outcome.error or f"rejected ({outcome.status})")
+                self._rejected_before_any_ok += 1
+                if self.stats.requests_ok == 0 and self._rejected_before_any_ok >= REJECTED_BEFORE_STOP:
+                    self._fatal(outcome, prefix=f"The first {REJECTED_BEFORE_STOP} requests were all rejected, so the job stopped: ")
         else:
             self._fatal(outcome)
 
@@ -422,8 +430,8 @@ class JobRunner:
     def _dead(self, row: Row, reason: str) -> None:
         self._resolve(row, RowResult(False, error=reason))
 
-    def _fatal(self, outcome: Outcome) -> None:
-        reason = outcome.error or f"the provider refused the job ({outcome.status})"
+    def _fatal(self, outcome: Outcome, prefix: str = "") -> None:
+        reason = prefix + (outcome.error or f"the provider refused the job ({outcome.status})")
         env = self.spec.task.key_env
         if outcome.status in (401, 403) and env:
             reason = f"{reason} Check the key in ${env}."

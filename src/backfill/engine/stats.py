@@ -16,6 +16,7 @@ class JobStats:
     rows_from_cache: int = 0
     rows_before: int = 0  # rows done by earlier runs of this job (resume)
     requests_sent: int = 0
+    requests_ok: int = 0
     rate_limited: int = 0
     retries: int = 0
     input_tokens: int = 0

@@ -34,6 +34,20 @@ def _vector(raw: Any) -> list[float]:
     return array("f", base64.b64decode(raw)).tolist() if isinstance(raw, str) else raw
 
 
+def _strict_ok(schema: Any) -> bool:
+    """OpenAI's strict mode accepts only schemas whose objects list every property as required and
+    forbid others; sending strict with any other schema gets every row a 400, so ask for it only then."""
+    if isinstance(schema, dict):
+        if schema.get("type") == "object" or "properties" in schema:
+            props = schema.get("properties", {})
+            if schema.get("additionalProperties") is not False or set(schema.get("required", [])) != set(props):
+                return False
+        return all(_strict_ok(v) for k, v in schema.items() if k not in ("enum", "const", "default", "required"))
+    if isinstance(schema, list):
+        return all(_strict_ok(v) for v in schema)
+    return True
+
+
 class OpenAIProvider(Provider):
     """POST {base_url}/chat/completions and {base_url}/embeddings with a Bearer key (none for local servers)."""
 
@@ -51,7 +65,7 @@ class OpenAIProvider(Provider):
         if request.schema is not None:
             body["response_format"] = {
                 "type": "json_schema",
-                "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": True},
+                "json_schema": {"name": request.schema_name, "schema": request.schema, "strict": _strict_ok(request.schema)},
             }
         reply = await self._post(self._endpoint("chat/completions"), body)
         if isinstance(reply, Outcome):
