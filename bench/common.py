@@ -143,7 +143,7 @@ def sim(
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
-    urls = [w.strip("()") for w in line.split() if w.startswith("http") or w.startswith("(http")]
+    urls = [w.strip("();,") for w in line.split() if w.lstrip("(").startswith("http")]
     if not urls:
         proc.kill()
         raise RuntimeError(f"The simulator did not start: {line!r}")

@@ -23,7 +23,8 @@ def describe(stats: JobStats) -> str:
     eta_text = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
     return (
         f"ok {stats.rows_ok:,}  failed {stats.rows_failed:,}  left {stats.rows_left:,} │ "
-        f"{rps:.0f} req/s  {_fmt_rate(tpm)}/{_fmt_rate(stats.tpm_limit)} tok/min │ "
+        f"{rps:.0f}/{_fmt_rate(stats.rpm_limit / 60 if stats.rpm_limit else None)} req/s  "
+        f"{_fmt_rate(tpm)}/{_fmt_rate(stats.tpm_limit)} tok/min │ "
         f"in flight {stats.in_flight}  429s {stats.rate_limited}  retries {stats.retries} │ "
         f"${stats.cost_usd:.4f}  ETA {eta_text}"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -270,6 +271,10 @@ def from_options(
         "prices": prices,
     }
     data = merge(base, flags)
+    for section in ("input", "output"):  # absolute, so `backfill resume` works from any directory
+        path = data.get(section, {}).get("path")
+        if path:
+            data[section]["path"] = os.path.abspath(path)
     if "model" not in data.get("task", {}):
         raise SpecError("Job spec field 'task.model': no model given; pass --model or set task.model in the job file.")
     return build_spec(data)

@@ -56,7 +56,7 @@ def sim_command(
         bool, typer.Option(help="Refuse every request as out of quota (insufficient_quota).")
     ] = False,
     outage: Annotated[
-        list[str] | None, typer.Option(help="START:END:STATUS seconds after start, e.g. 30:40:429 (repeatable).")
+        list[str] | None, typer.Option(help="Refuse every request with STATUS from START to END seconds after start, written like 30:40:429 (repeatable).")
     ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.")

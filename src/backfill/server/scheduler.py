@@ -1,0 +1,457 @@
+"""The job queue and its workers (asyncio tasks in the server process): quotas, fair sharing of lanes,
+pause / resume / cancel, spend accounting, restart recovery, and the live series the dashboard draws.
+
+Fair share: one `FairShare` per lane over one `Limiter`. Each running job is a share named by its id,
+weighted `user weight × job priority ÷ (sum of that user's job priorities on the lane)`: between users
+the lane splits by the operator's weights (equal by default), and within one user by priority.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from backfill.engine import run_job
+from backfill.engine.fairshare import FairShare
+from backfill.engine.runner import JobRunner, RunResult
+from backfill.errors import BackfillError, BudgetExceeded
+from backfill.limits import LaneLimiter, LaneLimits, Limiter
+from backfill.server.db import ServerDB, ServerJob, User
+from backfill.server.logs import log
+from backfill.server.metrics import LaneCounters, MeteredLimiter, Metrics
+from backfill.server.webhooks import Webhooks
+from backfill.spec import build_spec
+from backfill.store import Store
+
+SERIES_EVERY_S = 1.0
+SERIES_POINTS = 1800  # 30 minutes at one point a second
+KEEP_FINISHED_SERIES = 200
+
+
+@dataclass(slots=True)
+class JobPoint:
+    t: float
+    rows_done: int
+    requests: int
+    tokens: int
+    cost_usd: float
+    tpm_limit: float | None
+    rpm_limit: float | None
+
+
+@dataclass(slots=True)
+class LanePoint:
+    t: float
+    requests_per_min: float
+    rate_limited_per_min: float
+    rpm_limit: float | None
+    in_flight: int
+
+
+@dataclass(eq=False)
+class Lane:
+    """A lane in use: its limiter, the fair share in front of it, and who is on it."""
+
+    key: str
+    lane_id: str
+    base: LaneLimits  # from the first job's spec; the operator's settings override it
+    limiter: Limiter
+    fair: FairShare
+    counters: LaneCounters = field(default_factory=LaneCounters)
+    members: dict[str, tuple[str, float]] = field(default_factory=dict)  # job id -> (owner, priority)
+    series: deque[LanePoint] = field(default_factory=lambda: deque(maxlen=SERIES_POINTS))
+    last: tuple[float, int, int] = (0.0, 0, 0)
+
+
+@dataclass(eq=False)
+class RunningJob:
+    job: ServerJob
+    task: asyncio.Task[None] | None = None
+    runner: JobRunner | None = None
+    lane: Lane | None = None
+    stop_as: str | None = None  # why the server stopped it: pause, cancel, quota, shutdown
+    stop_reason: str | None = None
+    last_cost: float = 0.0
+    last_in: int = 0
+    last_out: int = 0
+    last_ok: int = 0
+    last_failed: int = 0
+    series: deque[JobPoint] = field(default_factory=lambda: deque(maxlen=SERIES_POINTS))
+
+    def attach(self, runner: JobRunner) -> None:
+        self.runner = runner
+        if self.stop_as is not None:
+            self._stop_runner()
+
+    def stop(self, why: str, reason: str) -> None:
+        if self.stop_as == "cancel":
+            return
+        self.stop_as, self.stop_reason = why, reason
+        if self.runner is not None:
+            self._stop_runner()
+
+    def _stop_runner(self) -> None:
+        assert self.runner is not None
+        if self.stop_as == "cancel":
+            self.runner.stop("cancelled", self.stop_reason or "cancelled", hard=True)
+        else:
+            self.runner.stop("paused", self.stop_reason or "paused")
+
+
+def lane_key(lane_id: str) -> str:
+    return hashlib.sha256(lane_id.encode()).hexdigest()[:10]
+
+
+def lane_name(lane_id: str) -> str:
+    """`provider|base url|key fingerprint|model` shown as `model @ base url (key fingerprint)`."""
+    parts = lane_id.split("|")
+    if len(parts) >= 4:
+        return f"{parts[-1]} @ {parts[1]} (key {parts[2]})"
+    return lane_id
+
+
+def retune(limiter: Limiter, limits: LaneLimits) -> None:
+    """Change a running lane's limits in place, waking waiters that now fit."""
+    # Limiter has no public setter yet; these are its own steps for applying limits.
+    limiter._limits = limits
+    limiter._apply_limits(time.monotonic())
+    limiter._pump()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        db: ServerDB,
+        data_dir: Path,
+        metrics: Metrics,
+        webhooks: Webhooks,
+        *,
+        max_running: int = 16,
+        tick_s: float = 0.5,
+        shutdown_grace_s: float = 15.0,
+    ):
+        self.db = db
+        self.data_dir = data_dir
+        self.store = Store(data_dir / "backfill.db")
+        self.metrics = metrics
+        self.webhooks = webhooks
+        self.max_running = max_running
+        self.tick_s = tick_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.running: dict[str, RunningJob] = {}
+        self.lanes: dict[str, Lane] = {}  # by key
+        self._finished_series: OrderedDict[str, deque[JobPoint]] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_series = 0.0
+
+    # --- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        requeued = self.db.requeue_interrupted()
+        for job_id in requeued:
+            log.info("job re-queued after a restart", extra={"job_id": job_id})
+        self._task = asyncio.create_task(self._loop())
+
+    async def close(self) -> None:
+        """Stop every running job gracefully (answers in flight are kept) and put it back in the queue."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for rj in self.running.values():
+            rj.stop("shutdown", "server stopping")
+        tasks = [rj.task for rj in self.running.values() if rj.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.shutdown_grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in self.lanes.values():
+            await lane.fair.close()
+        self.store.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self._account()
+                self._schedule()
+            except Exception:  # one bad tick must not stop the scheduler
+                log.exception("scheduler tick failed")
+
+    # --- starting jobs ----------------------------------------------------------
+
+    def _schedule(self) -> None:
+        per_user = Counter(rj.job.owner for rj in self.running.values())
+        users: dict[str, User | None] = {}
+        for job in self.db.queued_jobs():
+            if job.owner not in users:
+                users[job.owner] = self.db.get_user(job.owner)
+            user = users[job.owner]
+            if user is None:
+                self.db.set_job_status(job.id, "cancelled", "its owner was removed")
+                continue
+            reason = self.quota_block(user, per_user[user.name])
+            if reason is None and len(self.running) >= self.max_running:
+                reason = f"waiting: the server runs at most {self.max_running} jobs at once"
+            if reason is not None:
+                self.db.set_job_reason(job.id, reason)
+                continue
+            per_user[user.name] += 1
+            self._start(job)
+
+    def quota_block(self, user: User, running: int) -> str | None:
+        """Why `user` may not start another job now, or None."""
+        if user.max_jobs is not None and running >= user.max_jobs:
+            return f"waiting for quota: {user.name} may run {user.max_jobs} job(s) at once"
+        day, month = self.db.spend(user.name)
+        if user.usd_per_day is not None and day >= user.usd_per_day:
+            return f"waiting for quota: today's spend ${day:.2f} reached the daily ${user.usd_per_day:.2f}; resumes at 00:00 UTC"
+        if user.usd_per_month is not None and month >= user.usd_per_month:
+            return f"waiting for quota: this month's spend ${month:.2f} reached the monthly ${user.usd_per_month:.2f}; resumes on the 1st (UTC)"
+        return None
+
+    def _start(self, job: ServerJob) -> None:
+        self.db.set_job_status(job.id, "running")
+        rj = RunningJob(job)
+        self.running[job.id] = rj
+        rj.task = asyncio.create_task(self._run(rj))
+        log.info("job started", extra={"job_id": job.id, "user": job.owner})
+
+    async def _run(self, rj: RunningJob) -> None:
+        job = rj.job
+        record = self.store.get_job(job.id)
+        if record is not None:
+            rj.last_cost, rj.last_ok, rj.last_failed = record.spent_usd, record.rows_ok, record.rows_failed
+        event: str | None = None
+        try:
+            spec = build_spec(job.spec)
+            result: RunResult = await run_job(
+                spec,
+                state_dir=self.data_dir,
+                on_start=rj.attach,
+                api_key=self._api_key(job),
+                limiter_for=lambda lane_id, limits: self._limiter_for(rj, lane_id, limits),
+            )
+            status, reason = result.status, result.reason
+        except BudgetExceeded as e:
+            status, reason, event = "failed", str(e), "budget_stopped"
+        except BackfillError as e:
+            status, reason = "failed", str(e)
+        except asyncio.CancelledError:
+            status, reason = "paused", "stopped"
+        except Exception as e:
+            log.exception("job crashed", extra={"job_id": job.id, "user": job.owner})
+            status, reason = "failed", f"internal error ({type(e).__name__}); the server log has the details"
+        finally:
+            self._account_job(rj, time.time(), force_point=True)
+            self._leave_lane(rj)
+            self.running.pop(job.id, None)
+            self._finished_series[job.id] = rj.series
+            while len(self._finished_series) > KEEP_FINISHED_SERIES:
+                self._finished_series.popitem(last=False)
+        self._settle(rj, status, reason, event)
+        self.wake()
+
+    def _settle(self, rj: RunningJob, status: str, reason: str | None, event: str | None) -> None:
+        """Record how a run ended in the server's terms, and notify."""
+        job = rj.job
+        if status == "paused":
+            if rj.stop_as == "shutdown":
+                status, reason = "queued", "resumes when the server restarts"
+            elif rj.stop_as == "quota":
+                status, reason = "queued", rj.stop_reason
+            elif (reason or "").startswith("stopped: budget"):
+                event = "budget_stopped"
+        if status in ("succeeded", "failed", "cancelled") and event is None:
+            event = status
+        self.db.set_job_status(job.id, status, reason)
+        log.info("job %s", status, extra={"job_id": job.id, "user": job.owner, "status": status})
+        if event is not None:
+            self.notify(job, event, status, reason)
+
+    def notify(self, job: ServerJob, event: str, status: str, reason: str | None) -> None:
+        user = self.db.get_user(job.owner)
+        url = job.webhook_url or (user.webhook_url if user else None)
+        if not url:
+            return
+        rec = self.store.get_job(job.id)
+        payload: dict[str, Any] = {
+            "event": f"job.{event}",
+            "job_id": job.id,
+            "owner": job.owner,
+            "status": status,
+            "reason": reason,
+            "rows_total": job.rows_total,
+            "rows_ok": rec.rows_ok if rec else 0,
+            "rows_failed": rec.rows_failed if rec else 0,
+            "spent_usd": rec.spent_usd if rec else 0.0,
+            "at": time.time(),
+        }
+        self.webhooks.notify(job.id, job.owner, url, payload["event"], payload)
+
+    def _api_key(self, job: ServerJob) -> str | None:
+        if job.credential is None:
+            return None
+        cred = self.db.get_credential(job.credential)
+        if cred is None:
+            raise BackfillError(f"The credential {job.credential} was removed; ask an operator to add it back, then resume the job.")
+        return cred.api_key
+
+    # --- lanes and fair share ------------------------------------------------------
+
+    def _limiter_for(self, rj: RunningJob, lane_id: str, limits: LaneLimits) -> LaneLimiter:
+        key = lane_key(lane_id)
+        lane = self.lanes.get(key)
+        if lane is None:
+            row = self.db.ensure_lane(key, lane_name(lane_id))
+            limiter = Limiter(self._effective(limits, row.rpm, row.tpm, row.max_in_flight))
+            lane = self.lanes[key] = Lane(key, lane_id, limits, limiter, FairShare(limiter))
+        rj.lane = lane
+        lane.members[rj.job.id] = (rj.job.owner, rj.job.priority)
+        view = lane.fair.for_job(rj.job.id)
+        self._reweight(lane, rj.job.owner)
+        return MeteredLimiter(view, lane.counters, self.metrics, key, rj.job.owner, rj.job.id)
+
+    @staticmethod
+    def _effective(base: LaneLimits, rpm: float | None, tpm: float | None, max_in_flight: int | None) -> LaneLimits:
+        return replace(
+            base,
+            rpm=rpm if rpm is not None else base.rpm,
+            tpm=tpm if tpm is not None else base.tpm,
+            max_in_flight=max_in_flight if max_in_flight is not None else base.max_in_flight,
+        )
+
+    def set_lane_limits(self, key: str, rpm: float | None, tpm: float | None, max_in_flight: int | None) -> None:
+        """The operator's limits for a lane (None: the jobs' own); applied at once to a lane in use."""
+        self.db.set_lane_limits(key, rpm, tpm, max_in_flight)
+        lane = self.lanes.get(key)
+        if lane is not None:
+            retune(lane.limiter, self._effective(lane.base, rpm, tpm, max_in_flight))
+
+    def _reweight(self, lane: Lane, owner: str) -> None:
+        user = self.db.get_user(owner)
+        weight = user.weight if user else 1.0
+        mine = {job_id: prio for job_id, (o, prio) in lane.members.items() if o == owner}
+        total = sum(mine.values())
+        for job_id, prio in mine.items():
+            lane.fair.set_weight(job_id, weight * prio / total)
+
+    def reweight_user(self, owner: str) -> None:
+        for lane in self.lanes.values():
+            if any(o == owner for o, _ in lane.members.values()):
+                self._reweight(lane, owner)
+
+    def _leave_lane(self, rj: RunningJob) -> None:
+        lane = rj.lane
+        if lane is not None and lane.members.pop(rj.job.id, None) is not None:
+            self._reweight(lane, rj.job.owner)
+
+    # --- control ----------------------------------------------------------------------
+
+    def pause(self, job: ServerJob, by: str) -> None:
+        rj = self.running.get(job.id)
+        if rj is not None:
+            rj.stop("pause", f"paused by {by}")
+        else:
+            self.db.set_job_status(job.id, "paused", f"paused by {by}")
+
+    def resume(self, job: ServerJob) -> None:
+        self.db.set_job_status(job.id, "queued", None)
+        self.wake()
+
+    def cancel(self, job: ServerJob, by: str) -> None:
+        rj = self.running.get(job.id)
+        if rj is not None:
+            rj.stop("cancel", f"cancelled by {by}")
+            return
+        self.db.set_job_status(job.id, "cancelled", f"cancelled by {by}")
+        self.notify(job, "cancelled", "cancelled", f"cancelled by {by}")
+
+    def series(self, job_id: str) -> list[JobPoint]:
+        rj = self.running.get(job_id)
+        points = rj.series if rj is not None else self._finished_series.get(job_id, ())
+        return list(points)
+
+    # --- accounting: spend, metrics, series, quotas -------------------------------------
+
+    def _account(self) -> None:
+        now = time.time()
+        point = now - self._last_series >= SERIES_EVERY_S
+        if point:
+            self._last_series = now
+        for rj in list(self.running.values()):
+            self._account_job(rj, now, point)
+        self._enforce_spend_quotas()
+        if point:
+            self._sample_lanes(now)
+        counts = self.db.count_by_status()
+        self.metrics.queue_depth.set(counts.get("queued", 0))
+        for status in ("queued", "running", "paused", "succeeded", "failed", "cancelled"):
+            self.metrics.jobs.labels(status).set(counts.get(status, 0))
+
+    def _account_job(self, rj: RunningJob, now: float, force_point: bool) -> None:
+        runner = rj.runner
+        if runner is None:
+            return
+        s, job = runner.stats, rj.job
+        key = rj.lane.key if rj.lane else "-"
+        m, labels = self.metrics, (key, job.owner, job.id)
+        if s.cost_usd > rj.last_cost:  # the runner starts at 0 and then loads what was spent before
+            delta = s.cost_usd - rj.last_cost
+            self.db.add_spend(job.owner, delta)
+            m.cost.labels(*labels).inc(delta)
+            rj.last_cost = s.cost_usd
+        if s.input_tokens > rj.last_in:
+            m.tokens.labels(*labels, "input").inc(s.input_tokens - rj.last_in)
+            rj.last_in = s.input_tokens
+        if s.output_tokens > rj.last_out:
+            m.tokens.labels(*labels, "output").inc(s.output_tokens - rj.last_out)
+            rj.last_out = s.output_tokens
+        if s.rows_ok > rj.last_ok:
+            m.rows.labels(*labels, "ok").inc(s.rows_ok - rj.last_ok)
+            rj.last_ok = s.rows_ok
+        if s.rows_failed > rj.last_failed:
+            m.rows.labels(*labels, "dead_letter").inc(s.rows_failed - rj.last_failed)
+            rj.last_failed = s.rows_failed
+        if force_point:
+            rj.series.append(
+                JobPoint(now, s.rows_done, s.requests_sent, s.input_tokens + s.output_tokens, s.cost_usd, s.tpm_limit, s.rpm_limit)
+            )
+
+    def _enforce_spend_quotas(self) -> None:
+        owners = {rj.job.owner for rj in self.running.values() if rj.stop_as is None}
+        for owner in owners:
+            user = self.db.get_user(owner)
+            if user is None or (user.usd_per_day is None and user.usd_per_month is None):
+                continue
+            reason = self.quota_block(replace(user, max_jobs=None), 0)
+            if reason is not None:
+                for rj in self.running.values():
+                    if rj.job.owner == owner and rj.stop_as is None:
+                        rj.stop("quota", reason)
+
+    def _sample_lanes(self, now: float) -> None:
+        for lane in self.lanes.values():
+            t0, a0, r0 = lane.last
+            c = lane.counters
+            st = lane.limiter.stats()
+            if t0:
+                dt = max(now - t0, 1e-6)
+                lane.series.append(LanePoint(now, (c.admitted - a0) / dt * 60, (c.rate_limited - r0) / dt * 60, st.rpm, st.in_flight))
+            lane.last = (now, c.admitted, c.rate_limited)
+            self.metrics.lane_in_flight.labels(lane.key).set(st.in_flight)
+            if st.rpm is not None:
+                self.metrics.lane_rpm.labels(lane.key).set(st.rpm)
