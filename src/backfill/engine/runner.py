@@ -111,14 +111,15 @@ class JobRunner:
         self._queue_ready = asyncio.Event()
         self._waiting: dict[str, list[Row]] = {}  # request key → rows waiting on the one request in flight
         self._tasks: set[asyncio.Task[None]] = set()
-        self._open_chunks = asyncio.Semaphore(max(4, -(-2 * lim.max_in_flight // self.spec.chunk_size) + 2))
+        # Enough open chunks that a few rows backing off cannot starve the dispatcher, few enough
+        # that memory does not grow with the input.
+        self._open_chunks = asyncio.Semaphore(max(16, -(-4 * lim.max_in_flight // self.spec.chunk_size) + 4))
         self._chunks_left = 0
         self._all_done = asyncio.Event()
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._reserved_usd = 0.0
         self._rejected_before_any_ok = 0
-        self._spent_before = 0.0
         self._validator = jsonschema.Draft202012Validator(self.spec.task.schema_) if self.spec.task.schema_ else None
         self._sink = Sink(
             self.spec.output.path or str(self._parts_dir() / "result.parquet"),
@@ -153,7 +154,6 @@ class JobRunner:
         job = store.upsert_job(plan.job_id, owner=self.spec.owner, spec=self.spec.model_dump(by_alias=True), input_fingerprint=plan.input_fingerprint)
         store.set_totals(plan.job_id, plan.rows_total, plan.chunks_total)
         store.set_status(plan.job_id, "running")
-        self._spent_before = job.spent_usd
         self.stats.cost_usd = job.spent_usd
         self.stats.rows_ok, self.stats.rows_failed = job.rows_ok, job.rows_failed
         self.stats.rows_before = job.rows_done
@@ -167,7 +167,10 @@ class JobRunner:
             asyncio.create_task(self._watch()),
         ]
         try:
-            await asyncio.wait([asyncio.create_task(self._all_done.wait()), asyncio.create_task(self._stopped.wait())], return_when=asyncio.FIRST_COMPLETED)
+            ends = [asyncio.create_task(self._all_done.wait()), asyncio.create_task(self._stopped.wait())]
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for end in ends:
+                end.cancel()
             if self._stop is not None and not self._stop.hard:
                 await self._drain()
         finally:

@@ -343,6 +343,8 @@ def _lane_views(db: ServerDB, sched: Scheduler) -> list[LaneView]:
     out = []
     for row in db.list_lanes():
         lane = sched.lanes.get(row.id)
+        if lane is None and row.rpm is None and row.tpm is None and row.max_in_flight is None:
+            continue  # not used since the server started and nothing set on it: e.g. a past job's own simulator
         st = lane.limiter.stats() if lane is not None else None
         series = list(lane.series) if lane is not None else []
         recent = series[-10:]

@@ -54,7 +54,7 @@ def rotate_token(db: ServerDB, name: str) -> str:
     return token
 
 
-def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> User:
+async def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> User:
     """The user whose token came with the request, or 401."""
     user = None
     if creds is not None and creds.scheme.lower() == "bearer":
@@ -65,7 +65,7 @@ def current_user(request: Request, creds: HTTPAuthorizationCredentials | None = 
     return user
 
 
-def operator(user: User = Depends(current_user)) -> User:
+async def operator(user: User = Depends(current_user)) -> User:
     """The current user if an operator, else 403."""
     if not user.is_operator:
         raise HTTPException(403, "This needs an operator's token.")

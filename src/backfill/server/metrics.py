@@ -6,10 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
 from backfill.limits import LaneLimiter, LimiterStats, Ticket
 from backfill.request import RateLimitInfo, Usage
+
+# The *_created series double the output and say nothing a scraper needs.
+disable_created_metrics()
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
