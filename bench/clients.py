@@ -174,7 +174,8 @@ def litellm_setup(cfg: ClientConfig) -> Callable[[], Awaitable[Answers]]:
 
             async def embed(g: int) -> list[Any] | None:
                 try:
-                    r = await router.aembedding(model="bench", input=[texts[i] for i in groups[g]])
+                    # Without it LiteLLM sends an encoding_format the API refuses (400).
+                    r = await router.aembedding(model="bench", input=[texts[i] for i in groups[g]], encoding_format="float")
                     return [d["embedding"] for d in r.data]
                 except Exception:  # noqa: BLE001 — any failure is a lost batch, counted by the harness
                     return None

@@ -7,13 +7,13 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,6 +132,8 @@ def sim(
 ) -> Iterator[Sim]:
     """A fresh simulator process (full buckets, empty log) on a free port."""
     log_path = workdir / f"{name}.jsonl" if log else None
+    if log_path is not None:
+        log_path.unlink(missing_ok=True)  # the sim appends; a rerun must not count the last run's requests
     cmd = [sys.executable, "-m", "backfill.sim", "--port", "0", "--latency", str(latency)]
     cmd += ["--latency-sigma", "0.5", "--output-tokens", str(output_tokens), "--burst-s", str(SIM_BURST_S)]
     if rpm:
@@ -223,7 +225,16 @@ def finish_client(proc: subprocess.Popen[str], cfg: ClientConfig, expected_ids: 
     return result
 
 
+def fresh(cfg: ClientConfig) -> None:
+    """No state from an earlier run: no ledger or cache to answer from, no output to find."""
+    if cfg.state_dir:
+        shutil.rmtree(cfg.state_dir, ignore_errors=True)
+    for path in (cfg.out, cfg.check):
+        Path(path).unlink(missing_ok=True)
+
+
 def run_client(cfg: ClientConfig, workdir: Path, expected_ids: int, timeout_s: float = 3600) -> ClientResult:
+    fresh(cfg)
     return finish_client(start_client(cfg, workdir), cfg, expected_ids, timeout_s)
 
 
@@ -290,12 +301,6 @@ def rows_cell(r: ClientResult, expected: int) -> str:
     return f"{r.rows_ok:,}/{expected:,}" + (f" ({r.duplicated} dup)" if r.duplicated else "") + ("" if lost == 0 else f", {lost:,} lost")
 
 
-def when() -> float:
-    return time.time()
-
-
 def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
-
-Row = Callable[[ClientResult], list[str]]

@@ -22,11 +22,14 @@ from backfill import engine
 from backfill.engine.runner import RunResult
 from backfill.errors import BackfillError, SpecError
 from backfill.progress import show_progress
+from backfill.server.cli import serve_command, users_app
 from backfill.sim.cli import sim_command
 from backfill.spec import JobSpec, build_spec, from_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Push a table through an LLM under rate limits — resumable, exactly once.")
 app.command("sim", help="Run the provider simulator (OpenAI and Anthropic protocols) on a local port.")(sim_command)
+app.command("serve", help="Run the shared service: HTTP API, dashboard, workers.")(serve_command)
+app.add_typer(users_app, name="users", help="Users of the shared service and their API tokens.")
 out = Console()
 err = Console(stderr=True)
 

@@ -4,7 +4,9 @@ Each job gets a view with the limiter's interface. When several jobs wait, the n
 admission goes to the job that has been served least relative to its weight (its
 virtual time: admissions ÷ weight), so two equal weights split the lane half and half
 and weights 3:1 three quarters to one quarter. A job that was idle does not bank
-credit: it re-enters at the current virtual time.
+credit: it re-enters at the virtual time of the last admission (start-time fair
+queuing). Runners keep one acquire waiting at a time, so after each admission the
+loop yields once to let the job just served queue its next request before choosing.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ class FairShare:
         self._granting = False
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._virtual = 0.0  # the virtual time of the last admission
         self.admitted: dict[str, int] = {}
 
     def for_job(self, name: str, weight: float = 1.0) -> JobLimiter:
         share = self._shares.get(name)
         if share is None:
-            share = self._shares[name] = _Share(name, weight, vtime=self._now())
+            share = self._shares[name] = _Share(name, weight, vtime=self._virtual)
         share.weight = weight
         return JobLimiter(self, share)
 
@@ -47,13 +50,9 @@ class FairShare:
         if name in self._shares:
             self._shares[name].weight = weight
 
-    def _now(self) -> float:
-        active = [s.vtime for s in self._shares.values() if s.waiters]
-        return min(active) if active else max((s.vtime for s in self._shares.values()), default=0.0)
-
     def _enqueue(self, share: _Share, input_tokens: int, output_tokens: int) -> asyncio.Future[Ticket]:
         if not share.waiters:
-            share.vtime = max(share.vtime, self._now())  # no credit banked while idle
+            share.vtime = max(share.vtime, self._virtual)  # no credit banked while idle
         fut: asyncio.Future[Ticket] = asyncio.get_running_loop().create_future()
         share.waiters.append((input_tokens, output_tokens, fut))
         self._wakeup.set()
@@ -79,9 +78,11 @@ class FairShare:
             if fut.done():
                 self.limiter.release(ticket, success=False)
                 continue
+            self._virtual = share.vtime
             share.vtime += 1 / share.weight
             self.admitted[share.name] = self.admitted.get(share.name, 0) + 1
             fut.set_result(ticket)
+            await asyncio.sleep(0)  # the served job's dispatcher queues its next request here
 
     async def close(self) -> None:
         if self._task is not None:

@@ -67,6 +67,12 @@ class Limiter(LaneLimiter):
         self._n_rate_limited = 0
         self._apply_limits(now)
 
+    def set_limits(self, limits: LaneLimits) -> None:
+        """Change the lane's given limits while it runs (an operator's edit); waiters that now fit go."""
+        self._limits = limits
+        self._apply_limits(self._clock())
+        self._pump()
+
     # --- the engine's calls -------------------------------------------------------------------
 
     async def acquire(self, input_tokens: int, output_tokens: int) -> Ticket:

@@ -6,13 +6,11 @@ import sys
 from pathlib import Path
 
 import typer
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
 from backfill.errors import BackfillError
-from backfill.server import auth, logs
-from backfill.server.app import ServerConfig, create_app
+from backfill.server import logs
 from backfill.server.db import ServerDB
 
 DataDir = typer.Option(Path("backfill-data"), "--data-dir", envvar="BACKFILL_DATA_DIR", help="Where the server keeps everything (protect it: it holds the provider keys).")
@@ -31,6 +29,11 @@ def serve_command(
     log_level: str = typer.Option("info", "--log-level"),
 ) -> None:
     """Run the shared service: API (/docs), dashboard (/), metrics (/metrics) and the job workers."""
+    # The web stack is imported here, not at the top, so every other `backfill` command starts fast.
+    import uvicorn
+
+    from backfill.server.app import ServerConfig, create_app
+
     logs.configure(log_level)
     for d in allow_dir:
         if not d.is_dir():
@@ -55,6 +58,8 @@ def users_add(
     """Add a user and print their API token (shown once; only its hash is stored)."""
     db = ServerDB(data_dir / "server.db")
     try:
+        from backfill.server import auth
+
         _, token = auth.add_user(db, name, role)
     finally:
         db.close()
@@ -92,6 +97,8 @@ def users_token(name: str = typer.Argument(...), data_dir: Path = DataDir) -> No
     """Give a user a new token (the old one stops working) and print it once."""
     db = ServerDB(data_dir / "server.db")
     try:
+        from backfill.server import auth
+
         token = auth.rotate_token(db, name)
     finally:
         db.close()

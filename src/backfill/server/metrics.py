@@ -6,7 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
 
 from backfill.limits import LaneLimiter, LimiterStats, Ticket
 from backfill.request import RateLimitInfo, Usage

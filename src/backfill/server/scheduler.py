@@ -115,14 +115,6 @@ def lane_name(lane_id: str) -> str:
     return lane_id
 
 
-def retune(limiter: Limiter, limits: LaneLimits) -> None:
-    """Change a running lane's limits in place, waking waiters that now fit."""
-    # Limiter has no public setter yet; these are its own steps for applying limits.
-    limiter._limits = limits
-    limiter._apply_limits(time.monotonic())
-    limiter._pump()
-
-
 class Scheduler:
     def __init__(
         self,
@@ -339,7 +331,7 @@ class Scheduler:
         self.db.set_lane_limits(key, rpm, tpm, max_in_flight)
         lane = self.lanes.get(key)
         if lane is not None:
-            retune(lane.limiter, self._effective(lane.base, rpm, tpm, max_in_flight))
+            lane.limiter.set_limits(self._effective(lane.base, rpm, tpm, max_in_flight))
 
     def _reweight(self, lane: Lane, owner: str) -> None:
         user = self.db.get_user(owner)
