@@ -7,9 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from backfill.tokens import count_messages
-from common import SIM_BURST_S, ClientConfig, ClientResult, SimCounts, emit, fmt, make_input, rows_cell, run_client, sim, sim_counts, table
+
+from common import (
+    SIM_BURST_S,
+    ClientConfig,
+    ClientResult,
+    SimCounts,
+    emit,
+    fmt,
+    make_input,
+    rows_cell,
+    run_client,
+    sim,
+    sim_counts,
+    table,
+)
 
 
 @dataclass
@@ -31,7 +44,7 @@ def theoretical_min_s(w: ChatWorkload, input_path: Path) -> float:
     tokens = sum(count_messages([{"role": "user", "content": t}], "gpt-4o-mini") for t in texts) + w.max_tokens * len(texts)
     by_requests = (w.rows - w.rpm * SIM_BURST_S / 60) / (w.rpm / 60)
     by_tokens = (tokens - w.tpm * SIM_BURST_S / 60) / (w.tpm / 60)
-    return max(by_requests, by_tokens)
+    return max(by_requests, by_tokens, 60 / w.rpm)  # a tiny --scale fits in the burst
 
 
 def run(w: ChatWorkload, tools: list[str], wd: Path) -> str:

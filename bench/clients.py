@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ClientConfig, ClientResult  # noqa: E402
+from common import ClientConfig, ClientResult
 
 Answers = tuple[list[int], list[Any]]  # ids and their answers (None = no answer)
 
@@ -30,6 +30,15 @@ Answers = tuple[list[int], list[Any]]  # ids and their answers (None = no answer
 def _cpu() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def _peak_rss_kb() -> int:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries the parent's peak over fork
+    and exec, so it would report the harness's memory as a floor."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(int(hwm.split()[1]), kids)
 
 
 def _read(cfg: ClientConfig) -> tuple[list[int], list[str]]:
@@ -84,7 +93,7 @@ def backfill_setup(cfg: ClientConfig) -> Callable[[], Awaitable[None]]:
             max_in_flight=cfg.max_in_flight,
             state_dir=cfg.state_dir,
             progress=False,
-            return_type="arrow",
+            return_type="path",  # the output stays on disk: reading it back would be the harness's memory
             id_column="id",
             output=cfg.out,
             chunk_size=cfg.chunk_size,
@@ -271,8 +280,7 @@ def main() -> None:
     else:
         ids, values = answers
         _write_check(cfg, ids, [v is not None for v in values])
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    result.peak_rss_mb = peak / 1024
+    result.peak_rss_mb = _peak_rss_kb() / 1024
     print("BENCH_RESULT " + json.dumps(asdict(result)), flush=True)
 
 

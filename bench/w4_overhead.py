@@ -9,7 +9,20 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 
-from common import ClientConfig, ClientResult, emit, fmt, make_input, parser, rows_cell, run_client, sim, table, tools, workdir
+from common import (
+    ClientConfig,
+    ClientResult,
+    emit,
+    fmt,
+    make_input,
+    parser,
+    rows_cell,
+    run_client,
+    sim,
+    table,
+    tools,
+    workdir,
+)
 
 CURATOR_UNBOUNDED_RPM = 100_000_000
 

@@ -5,7 +5,19 @@ Run: bench/.venv/bin/python bench/w5_memory.py [--scale 0.1]
 
 from __future__ import annotations
 
-from common import ClientConfig, ClientResult, emit, fmt, make_input, parser, rows_cell, run_client, sim, table, workdir
+from common import (
+    ClientConfig,
+    ClientResult,
+    emit,
+    fmt,
+    make_input,
+    parser,
+    rows_cell,
+    run_client,
+    sim,
+    table,
+    workdir,
+)
 
 
 def main() -> None:

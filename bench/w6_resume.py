@@ -10,7 +10,23 @@ import signal
 import time
 from pathlib import Path
 
-from common import MAX_IN_FLIGHT, ClientConfig, emit, fmt, fresh, make_input, parser, rows_cell, run_client, sim, sim_counts, start_client, finish_client, table, workdir
+from common import (
+    MAX_IN_FLIGHT,
+    ClientConfig,
+    emit,
+    finish_client,
+    fmt,
+    fresh,
+    make_input,
+    parser,
+    rows_cell,
+    run_client,
+    sim,
+    sim_counts,
+    start_client,
+    table,
+    workdir,
+)
 
 RPM, LATENCY = 12_000, 0.8
 

@@ -6,7 +6,22 @@ Run: bench/.venv/bin/python bench/w7_embeddings.py [--scale 0.25]
 
 from __future__ import annotations
 
-from common import ClientConfig, ClientResult, SimCounts, emit, fmt, make_input, parser, rows_cell, run_client, sim, sim_counts, table, tools, workdir
+from common import (
+    ClientConfig,
+    ClientResult,
+    SimCounts,
+    emit,
+    fmt,
+    make_input,
+    parser,
+    rows_cell,
+    run_client,
+    sim,
+    sim_counts,
+    table,
+    tools,
+    workdir,
+)
 
 RPM, TPM, LATENCY = 3_000, 10_000_000, 0.3
 

@@ -17,7 +17,7 @@ from backfill.errors import BackfillError, BudgetExceeded, FatalProviderError
 from backfill.progress import show_progress
 from backfill.spec import JobSpec, from_options
 
-ReturnType = Literal["pandas", "polars", "arrow"]
+ReturnType = Literal["pandas", "polars", "arrow", "path"]
 
 
 def _spec(data: Any, options: dict[str, Any]) -> tuple[JobSpec, Any]:
@@ -59,6 +59,9 @@ async def arun(
 ) -> Any:
     """Run a job over `data` (a pandas/polars/arrow frame or a file path) and return the output as a frame.
 
+    `return_type` is "pandas" (default), "polars", "arrow", or "path" to leave a large
+    output on disk (give `output=...`) and get its path back.
+
     `options` are the job's settings by their flag names: system, messages, provider,
     base_url, api_key_env, kind, params, id_column, output, columns, rpm, tpm,
     max_in_flight, budget_usd, chunk_size, ... Calling again with the same arguments
@@ -80,6 +83,8 @@ async def arun(
         await asyncio.gather(*tasks, return_exceptions=True)
     _raise_unless_done(result)
     assert result.output_path is not None
+    if return_type == "path":  # a big job: the output stays on disk
+        return Path(result.output_path)
     return _to_frame(_read_output(result.output_path, spec.output.format), return_type)
 
 

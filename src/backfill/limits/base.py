@@ -24,7 +24,7 @@ class LaneLimits:
     # Bucket capacity in seconds of the limit: small, so a minute's allowance is never spent in a burst.
     burst_s: float = 0.5
     # Fraction of each limit we pace at, leaving the server's buckets a little headroom for jitter.
-    utilization: float = 0.99
+    utilization: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm", "input_tpm", "output_tpm"):

@@ -136,6 +136,8 @@ class Provider(abc.ABC):
                 connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=30.0),
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 headers=self._headers,
+                # APIs set no cookies worth keeping; the jar's per-request bookkeeping is measurable.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
