@@ -120,6 +120,7 @@ async def test_estimate_status_jobs_and_cancel(tmp_path: Path, rows_parquet) -> 
         assert proc.returncode == 5, err.decode()
     status = await run_cli("status", job_id, "--state-dir", str(state))
     assert "cancelled" in status.stdout
+    assert int(re.search(r"requests ([\d,]+)", status.stdout).group(1).replace(",", "")) >= 20
     assert not (tmp_path / "o.parquet").exists()
 
 

@@ -243,6 +243,7 @@ def status(job: str = typer.Argument(...), state_dir: Optional[Path] = StateDir,
         out.print_json(json.dumps({
             "id": rec.id, "status": rec.status, "reason": rec.reason, "rows_total": rec.rows_total,
             "rows_ok": rec.rows_ok, "rows_failed": rec.rows_failed, "spent_usd": rec.spent_usd,
+            "requests": rec.requests, "rate_limited": rec.rate_limited,
             "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "output": rec.spec["output"].get("path"),
             "dead_letters": [{"row_id": d.row_id, "reason": d.reason} for d in dead],
         }))
@@ -250,7 +251,7 @@ def status(job: str = typer.Argument(...), state_dir: Optional[Path] = StateDir,
     out.print(f"[bold]job {rec.id}[/bold]  {rec.status}" + (f" — {rec.reason}" if rec.reason else ""))
     out.print(f"  model {rec.spec['task']['model']} via {rec.spec['task']['provider']}; output {rec.spec['output'].get('path')}")
     out.print(f"  rows ok {rec.rows_ok:,}, failed {rec.rows_failed:,} of {rec.rows_total or 0:,}")
-    out.print(f"  tokens in {rec.input_tokens:,}, out {rec.output_tokens:,}; spent ${rec.spent_usd:.4f}")
+    out.print(f"  requests {rec.requests:,} (429s {rec.rate_limited:,}); tokens in {rec.input_tokens:,}, out {rec.output_tokens:,}; spent ${rec.spent_usd:.4f}")
     for d in dead:
         out.print(f"  dead letter {d.row_id}: {d.reason}", highlight=False)
     for at, kind_, message in events:

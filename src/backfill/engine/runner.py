@@ -186,6 +186,7 @@ class JobRunner:
 
     def _finish(self) -> RunResult:
         plan, store = self.plan, self.store
+        store.add_request_counts(plan.job_id, self.stats.requests_sent, self.stats.rate_limited)
         if self._stop is None and self._all_done.is_set():
             self._sink.finalize(plan.chunks_total)
             store.set_status(plan.job_id, "succeeded")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sqlite3
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
@@ -16,11 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.ipc as ipc
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from backfill.errors import SpecError
 
@@ -122,10 +122,6 @@ class ParquetSource(_FileSource):
             groups = (pf.iter_batches(batch_size=batch_size, row_groups=[i]) for i in range(pf.num_row_groups))
             yield from rebatch((b for g in groups for b in g), batch_size)
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One column, read without the others."""
-        return pq.read_table(self.path, columns=[name]).column(0)
-
 
 _CSV_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
 
@@ -203,16 +199,6 @@ class CsvSource(_FileSource):
         if self._types is None:
             self._scan()
         yield from rebatch(self._open(self._types), batch_size)
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One column, parsed without converting the others."""
-        if self._types is None:
-            self._scan()
-        assert self._types is not None
-        convert = pcsv.ConvertOptions(column_types=self._types, include_columns=[name], timestamp_parsers=[])
-        stream = pa.input_stream(str(self.path), compression="detect")
-        table = pcsv.read_csv(stream, read_options=self._read, parse_options=self._parse, convert_options=convert)
-        return table.column(0)
 
 
 def _text_to_string(t: pa.DataType) -> pa.DataType:
@@ -336,13 +322,6 @@ class JsonlSource(_FileSource):
         tables = (self._parse(block, schema) for block in self._blocks())
         yield from rebatch((b for t in tables for b in t.to_batches()), batch_size)
 
-    def column(self, name: str) -> pa.ChunkedArray:
-        """One field, parsed without building the others."""
-        only = pa.schema([self.schema.field(name)])
-        return pa.chunked_array(
-            [self._parse(block, only).column(0) for block in self._blocks()], type=only.field(0).type
-        )
-
 
 class _HashWriter:
     """A write-only file that only hashes what is written."""
@@ -400,9 +379,6 @@ class ArrowSource:
         if self._fingerprint is None:
             self._fingerprint = _content_hash(self.schema, self.table.to_batches())
         return self._fingerprint
-
-    def column(self, name: str) -> pa.ChunkedArray:
-        return self.table.column(name)
 
 
 class SpooledSource:
@@ -526,30 +502,38 @@ def open_source(data: Any, *, format: str | None = None) -> Source:
     )
 
 
-def _id_values(source: Source, column: str) -> pa.ChunkedArray:
-    column_reader = getattr(source, "column", None)
-    if column_reader is not None:
-        return column_reader(column)
-    return pa.chunked_array([b.column(column) for b in source.batches(65536)], type=source.schema.field(column).type)
-
-
 def check_id_column(source: Source, column: str) -> None:
     """Raise SpecError unless `column` exists, has no nulls and no duplicates.
 
-    Reads only that column; memory grows with the id column alone (about 8 bytes a row
-    for integer ids), never with the other columns.
+    The ids are streamed into a SQLite table on disk, so memory stays bounded however many
+    rows there are (about a second per million rows).
     """
     if column not in source.columns:
         raise SpecError(f"The id column '{column}' is not in the input; it has {', '.join(source.columns)}.")
-    ids = _id_values(source, column)
-    if ids.null_count:
-        raise SpecError(f"The id column '{column}' has {ids.null_count} empty value(s); every row needs an id.")
-    if not len(ids):
-        return
-    counts = ids.value_counts()
-    dupes = counts.filter(pc.greater(counts.field("counts"), 1))
-    if len(dupes):
-        examples = ", ".join(repr(v) for v in dupes.field("values")[:3].to_pylist())
+    nulls = 0
+    with tempfile.TemporaryDirectory(prefix="backfill-ids-") as tmp:
+        db = sqlite3.connect(Path(tmp) / "ids.db", isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=OFF")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE ids (id PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
+            db.execute("BEGIN")
+            for batch in source.batches(65536):
+                ids = batch.column(column)
+                nulls += ids.null_count
+                db.executemany(
+                    "INSERT INTO ids VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1",
+                    ((v,) for v in ids.to_pylist() if v is not None),
+                )
+            db.execute("COMMIT")
+            dupes = db.execute("SELECT count(*) FROM ids WHERE n > 1").fetchone()[0]
+            examples = [r[0] for r in db.execute("SELECT id FROM ids WHERE n > 1 LIMIT 3")]
+        finally:
+            db.close()
+    if nulls:
+        raise SpecError(f"The id column '{column}' has {nulls} empty value(s); every row needs an id.")
+    if dupes:
+        shown = ", ".join(repr(v) for v in examples)
         raise SpecError(
-            f"The id column '{column}' has {len(dupes)} duplicated value(s) (e.g. {examples}); row ids must be unique."
+            f"The id column '{column}' has {dupes} duplicated value(s) (e.g. {shown}); row ids must be unique."
         )

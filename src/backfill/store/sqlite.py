@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     spent_usd REAL NOT NULL DEFAULT 0,
     input_tokens INTEGER NOT NULL DEFAULT 0,
     output_tokens INTEGER NOT NULL DEFAULT 0,
+    requests INTEGER NOT NULL DEFAULT 0,
+    rate_limited INTEGER NOT NULL DEFAULT 0,
     requested TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL
@@ -107,6 +109,8 @@ class JobRecord:
     spent_usd: float
     input_tokens: int
     output_tokens: int
+    requests: int  # requests sent, all runs of the job together
+    rate_limited: int  # 429s received
     requested: str | None
     created: float
     updated: float
@@ -225,6 +229,13 @@ class Store:
         self._db.execute(
             "UPDATE jobs SET rows_total = ?, chunks_total = ?, updated = ? WHERE id = ?",
             (rows_total, chunks_total, time.time(), job_id),
+        )
+
+    def add_request_counts(self, job_id: str, requests: int, rate_limited: int) -> None:
+        """Add one run's request and 429 counts to the job's totals."""
+        self._db.execute(
+            "UPDATE jobs SET requests = requests + ?, rate_limited = rate_limited + ? WHERE id = ?",
+            (requests, rate_limited, job_id),
         )
 
     def request(self, job_id: str, action: str) -> None:
