@@ -22,7 +22,7 @@ import pyarrow as pa
 from backfill.engine.breaker import CircuitBreaker
 from backfill.engine.plan import Plan
 from backfill.engine.stats import JobStats
-from backfill.errors import BackfillError, FatalProviderError
+from backfill.errors import BackfillError
 from backfill.io import Sink, output_table
 from backfill.limits import LaneLimiter, LaneLimits, Limiter
 from backfill.providers import Provider
