@@ -25,6 +25,7 @@ from backfill.progress import show_progress
 from backfill.server.cli import serve_command, users_app
 from backfill.sim.cli import sim_command
 from backfill.spec import JobSpec, build_spec, from_options
+from backfill.tokens import is_exact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Push a table through an LLM under rate limits — resumable, exactly once.")
 app.command("sim", help="Run the provider simulator (OpenAI and Anthropic protocols) on a local port.")(sim_command)
@@ -173,7 +174,7 @@ def estimate(
     table.add_row("already answered (free)", f"{est.rows_cached:,}")
     table.add_row("rows the template fails on", f"{est.rows_failing:,}")
     table.add_row("requests", f"{est.requests:,}")
-    table.add_row("input tokens (exact)" if _exact(spec) else "input tokens (estimate)", f"{est.input_tokens:,}")
+    table.add_row("input tokens (exact)" if is_exact(spec.task.model) else "input tokens (estimate)", f"{est.input_tokens:,}")
     table.add_row("expected output tokens", f"{est.expected_output_tokens:,}")
     table.add_row("cost", "unpriced model" if plan.price is None else f"${est.cost_usd:,.4f}")
     if est.min_duration_s is None:
@@ -181,12 +182,6 @@ def estimate(
     else:
         table.add_row("shortest duration", f"{_duration(est.min_duration_s)} (bound by {est.bound_by})")
     out.print(table)
-
-
-def _exact(spec: JobSpec) -> bool:
-    from backfill.tokens import is_exact
-
-    return is_exact(spec.task.model)
 
 
 def _duration(seconds: float) -> str:

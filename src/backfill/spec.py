@@ -19,10 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backfill.errors import SpecError
 
-PROVIDERS = ("sim", "openai", "azure", "anthropic")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-# Parameters that change the answer; anything else in `params` is passed through too.
-KNOWN_PARAMS = ("temperature", "max_tokens", "seed", "top_p", "stop", "frequency_penalty", "presence_penalty", "dimensions")
 
 
 class _Part(BaseModel):

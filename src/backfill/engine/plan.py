@@ -23,7 +23,6 @@ from backfill.request import Request
 from backfill.spec import JobSpec
 from backfill.tokens import count_messages, count_text
 
-STATUS_COLUMNS = ("status", "error", "input_tokens", "output_tokens", "cost_usd")
 DEFAULT_MAX_TOKENS = {"anthropic": 1024}
 # What the sim and OpenAI count against tokens/min when a chat request sets no max_tokens.
 UNSET_MAX_TOKENS_RESERVE = 4096
