@@ -102,7 +102,8 @@ def backfill_setup(cfg: ClientConfig) -> Callable[[], Awaitable[None]]:
             options["kind"] = "embedding"
         else:
             options["params"] = {"max_tokens": cfg.max_tokens}
-        await backfill.arun(cfg.input, prompt="{{ text }}", model=cfg.model, **options)
+        # The sync entry point, as a script would call it: backfill runs its own loop (uvloop).
+        await asyncio.to_thread(backfill.run, cfg.input, prompt="{{ text }}", model=cfg.model, **options)
 
     return work
 

@@ -72,6 +72,10 @@ def test_file_sources_read_every_row_in_order(tmp_path: Path, ext: str) -> None:
     assert source.head(2) == expected.slice(0, 2).to_pylist()
     # A second pass (resume) reads the same rows again.
     assert _collect(source, 1000)[0].to_pylist() == expected.to_pylist()
+    # Only the asked columns (the id check reads the ids alone), still in exact batches.
+    only = list(source.batches(300, ["score", "id"]))
+    assert [b.num_rows for b in only] == [300, 300, 300, 100]
+    assert pa.Table.from_batches(only).to_pydict() == expected.select(["score", "id"]).to_pydict()
 
 
 def test_in_memory_frames(tmp_path: Path) -> None:

@@ -408,7 +408,7 @@ async def test_a_429_no_wait_can_cure_is_a_bad_row(
     llm.reply = Reply(status=429, body=openai_error("rate_limit_exceeded", "tokens"), headers=headers)
     prompt_tokens, max_output_tokens = request_tokens
     async with get_provider(name)(base_url=llm.url, api_key=KEY) as p:
-        out = await p.complete(chat(prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens))
+        out = await p.complete(chat(counted_tokens=prompt_tokens, max_output_tokens=max_output_tokens))
     assert out.kind is kind
     if kind is BAD:
         assert "too large for the rate limit" in (out.error or "")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from backfill import engine
+from backfill import engine, loop
 from backfill.engine.runner import RunResult
 from backfill.errors import BackfillError, BudgetExceeded, FatalProviderError
 from backfill.progress import show_progress
@@ -104,12 +104,12 @@ def run(data: Any, **kwargs: Any) -> Any:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(arun(data, **kwargs))
+        return loop.run(arun(data, **kwargs))
     box: dict[str, Any] = {}
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(arun(data, **kwargs))
+            box["value"] = loop.run(arun(data, **kwargs))
         except BaseException as e:  # re-raised in the caller's thread
             box["error"] = e
 

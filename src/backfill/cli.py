@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from backfill import engine
+from backfill import engine, loop
 from backfill.engine.runner import RunResult
 from backfill.errors import BackfillError, SpecError
 from backfill.progress import show_progress
@@ -100,7 +100,7 @@ def run(
 
 
 def _run_and_report(spec: JobSpec, state_dir: Optional[Path], quiet: bool) -> None:
-    result = asyncio.run(_run(spec, state_dir, quiet))
+    result = loop.run(_run(spec, state_dir, quiet))
     s = result.stats
     summary = (
         f"job {result.job_id}: {result.status}" + (f" — {result.reason}" if result.reason else "")

@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from backfill.tokens import count_messages, count_text
+
 
 @dataclass(slots=True)
 class Request:
@@ -28,8 +30,19 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)  # temperature, max_tokens, seed, top_p, stop, ...
     schema: dict[str, Any] | None = None  # JSON Schema of the structured output, if any
     schema_name: str = "output"
-    prompt_tokens: int = 0  # counted at render time; the limiter reserves it
     max_output_tokens: int = 0  # what the provider counts against the output/token limit
+    counted_tokens: int | None = None  # the prompt's tokens once counted; see prompt_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt's tokens as the provider bills them, counted on first use: only token limits,
+        budgets and embedding packing need them, and counting is a fair part of a request's CPU."""
+        if self.counted_tokens is None:
+            if self.messages is not None:
+                self.counted_tokens = count_messages(self.messages, self.model)
+            else:
+                self.counted_tokens = count_text(self.input or "", self.model)
+        return self.counted_tokens
 
 
 @dataclass(slots=True)

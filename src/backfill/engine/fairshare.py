@@ -115,3 +115,6 @@ class JobLimiter(LaneLimiter):
 
     def stats(self) -> LimiterStats:
         return self._fair.limiter.stats()
+
+    def counts_tokens(self) -> bool:
+        return self._fair.limiter.counts_tokens()

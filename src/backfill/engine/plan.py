@@ -21,7 +21,6 @@ from backfill.io import Source, check_id_column, check_writable, open_source, ou
 from backfill.prompt import PromptTemplate, check_columns
 from backfill.request import Request
 from backfill.spec import JobSpec
-from backfill.tokens import count_messages, count_text
 
 DEFAULT_MAX_TOKENS = {"anthropic": 1024}
 # What the sim and OpenAI count against tokens/min when a chat request sets no max_tokens.
@@ -74,13 +73,11 @@ class Plan:
         if self.is_embedding:
             text = self.template.render_text(row)
             body: Any = text
-            prompt_tokens = count_text(text, task.model)
             max_out = 0
             messages = None
         else:
             messages = self.template.render(row)
             body = messages
-            prompt_tokens = count_messages(messages, task.model)
             max_out = int(params.get("max_tokens") or params.get("max_completion_tokens") or UNSET_MAX_TOKENS_RESERVE)
             text = None
         key = request_key(task.provider, task.model, body, params, task.schema_)
@@ -93,7 +90,6 @@ class Plan:
             params=params,
             schema=task.schema_,
             schema_name=task.schema_name,
-            prompt_tokens=prompt_tokens,
             max_output_tokens=max_out,
         )
 

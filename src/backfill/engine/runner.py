@@ -280,13 +280,15 @@ class JobRunner:
 
     async def _dispatch(self) -> None:
         embedding = self.plan.is_embedding
+        budgeted = self.spec.budget.usd is not None
         while True:
             await self.breaker.wait()
             row = await self._next_row()
             if row is None:
                 return
             rows = self._pack(row) if embedding and not row.solo else [row]
-            tokens_in = sum(r.request.prompt_tokens for r in rows)
+            counts = embedding or budgeted or self.limiter.counts_tokens()
+            tokens_in = sum(r.request.prompt_tokens for r in rows) if counts else 0
             tokens_out = sum(r.request.max_output_tokens for r in rows)
             estimate = self.plan.cost(tokens_in, tokens_out)
             if not self._within_budget(estimate):

@@ -44,7 +44,9 @@ class Source(Protocol):
 
     def num_rows(self) -> int | None: ...
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]: ...
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows in batches of exactly `batch_size` (the last may be shorter); only `columns` if given."""
+        ...
 
     def head(self, n: int) -> list[dict[str, Any]]: ...
 
@@ -68,6 +70,10 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
                 pending, n = [], 0
     if n:
         yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
+
+
+def _select(batches: Iterable[pa.RecordBatch], columns: list[str] | None) -> Iterator[pa.RecordBatch]:
+    return iter(batches) if columns is None else (b.select(columns) for b in batches)
 
 
 def _head(source: Source, n: int) -> list[dict[str, Any]]:
@@ -116,10 +122,13 @@ class ParquetSource(_FileSource):
     def num_rows(self) -> int:
         return self._num_rows
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         with pq.ParquetFile(self.path) as pf:
             # One row group at a time: asked for all at once, pyarrow pre-buffers the whole file.
-            groups = (pf.iter_batches(batch_size=batch_size, row_groups=[i]) for i in range(pf.num_row_groups))
+            groups = (
+                pf.iter_batches(batch_size=batch_size, row_groups=[i], columns=columns)
+                for i in range(pf.num_row_groups)
+            )
             yield from rebatch((b for g in groups for b in g), batch_size)
 
 
@@ -195,10 +204,10 @@ class CsvSource(_FileSource):
         assert self._num_rows is not None
         return self._num_rows
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         if self._types is None:
             self._scan()
-        yield from rebatch(self._open(self._types), batch_size)
+        yield from rebatch(_select(self._open(self._types), columns), batch_size)
 
 
 def _text_to_string(t: pa.DataType) -> pa.DataType:
@@ -315,12 +324,12 @@ class JsonlSource(_FileSource):
         assert self._num_rows is not None
         return self._num_rows
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         schema = self.schema
         if not schema.names:
             return
         tables = (self._parse(block, schema) for block in self._blocks())
-        yield from rebatch((b for t in tables for b in t.to_batches()), batch_size)
+        yield from rebatch(_select((b for t in tables for b in t.to_batches()), columns), batch_size)
 
 
 class _HashWriter:
@@ -369,8 +378,8 @@ class ArrowSource:
     def num_rows(self) -> int:
         return self.table.num_rows
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
-        yield from rebatch(self.table.to_batches(), batch_size)
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        yield from rebatch(_select(self.table.to_batches(), columns), batch_size)
 
     def head(self, n: int) -> list[dict[str, Any]]:
         return self.table.slice(0, max(n, 0)).to_pylist()
@@ -420,10 +429,10 @@ class SpooledSource:
     def num_rows(self) -> int:
         return self._num_rows
 
-    def batches(self, batch_size: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, batch_size: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
         with pa.memory_map(str(self.path)) as m:
             r = ipc.open_file(m)
-            yield from rebatch((r.get_batch(i) for i in range(r.num_record_batches)), batch_size)
+            yield from rebatch(_select((r.get_batch(i) for i in range(r.num_record_batches)), columns), batch_size)
 
     def head(self, n: int) -> list[dict[str, Any]]:
         return _head(self, n)
@@ -518,7 +527,7 @@ def check_id_column(source: Source, column: str) -> None:
             db.execute("PRAGMA synchronous=OFF")
             db.execute("CREATE TABLE ids (id PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID")
             db.execute("BEGIN")
-            for batch in source.batches(65536):
+            for batch in source.batches(65536, [column]):
                 ids = batch.column(column)
                 nulls += ids.null_count
                 db.executemany(

@@ -100,3 +100,8 @@ class LaneLimiter(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> LimiterStats:
         """The limits in force and the limiter's state now."""
+
+    def counts_tokens(self) -> bool:
+        """Whether `acquire` needs the prompt's tokens now (a limit on input tokens is in force).
+        Counting is a fair part of a request's CPU, so a lane limited by requests alone skips it."""
+        return True

@@ -8,7 +8,7 @@ class Bucket:
     """One per-minute limit, refilled at `pace` × the limit. `flow` is the cumulative refill minus
     spend (never clipped): the yardstick for comparing a server's `remaining` with our spending since."""
 
-    __slots__ = ("capacity", "flow", "level", "per_minute", "rate", "stamp")
+    __slots__ = ("burst_s", "capacity", "flow", "level", "per_minute", "rate", "stamp")
 
     def __init__(self, per_minute: float, *, burst_s: float, pace: float, now: float) -> None:
         self.stamp = now
@@ -21,6 +21,7 @@ class Bucket:
         """Change the limit or the pace; what was refilled so far is kept."""
         self.refill(now)
         self.per_minute = per_minute
+        self.burst_s = burst_s
         self.rate = max(per_minute * pace / 60.0, 1e-9)
         # At least one unit, so a limit under 60/burst_s per minute still admits one at a time.
         self.capacity = max(per_minute * burst_s / 60.0, 1.0)

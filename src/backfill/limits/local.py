@@ -20,6 +20,10 @@ BACKOFF = 0.8
 PACE_FLOOR = 0.25
 RECOVER_PER_S = 0.02
 DEFAULT_PAUSE_S = 1.0
+# A server's bucket, sized from its headers, is followed up to this many seconds of the limit: the
+# providers enforce per-minute limits over windows of about a second (OpenAI documents 60,000/min
+# as 1,000/s), whatever capacity their headers imply.
+MAX_BURST_S = 1.0
 MAX_PAUSE_S = 60.0
 # Admit up to this early rather than arm a timer for less: the accounting stays exact (the bucket
 # goes a hair into debt), and it spares one loop wake-up per request at thousands of requests/s.
@@ -51,6 +55,7 @@ class Limiter(LaneLimiter):
         self._learned_tpm: float | None = None
         self._learned_input_tpm: float | None = None
         self._learned_output_tpm: float | None = None
+        self._server_burst_s: dict[str, float] = {}  # per limit: the smallest server capacity seen, in seconds
         self._requests: Bucket | None = None
         self._tokens: Bucket | None = None
         self._input: Bucket | None = None
@@ -109,6 +114,7 @@ class Limiter(LaneLimiter):
             self._correct(ticket, usage, now)
         if rate is not None and self._learn:
             self._learn_limits(rate, now)
+            self._learn_bursts(rate, now)
             self._follow_remaining(ticket, rate, now)
         if self._probing and (success or rate is not None):
             self._probing = False
@@ -141,6 +147,10 @@ class Limiter(LaneLimiter):
             self._set_pace(max(PACE_FLOOR, self._pace * BACKOFF), now)
         if self._waiters:
             self._pump()
+
+    def counts_tokens(self) -> bool:
+        # Requests admitted while no token limit is known are charged their real usage on release.
+        return self._tokens is not None or self._input is not None
 
     def stats(self) -> LimiterStats:
         now = self._clock()
@@ -307,6 +317,32 @@ class Limiter(LaneLimiter):
         if changed:
             self._apply_limits(now)
 
+    def _learn_bursts(self, rate: RateLimitInfo, now: float) -> None:
+        """Size each bucket like the server's: its capacity is `remaining + reset × limit/60` (the
+        smallest seen, as rounding only adds), within MAX_BURST_S. Buckets start full on both sides,
+        so when the server's turns out the larger, the difference was ours to use from the start."""
+        for name, bucket, limit, remaining, reset in (
+            ("requests", self._requests, rate.limit_requests, rate.remaining_requests, rate.reset_requests_s),
+            ("tokens", self._tokens, rate.limit_tokens, rate.remaining_tokens, rate.reset_tokens_s),
+            ("input", self._input, rate.limit_input_tokens, rate.remaining_input_tokens, rate.reset_input_tokens_s),
+            ("output", self._output, rate.limit_output_tokens, rate.remaining_output_tokens, rate.reset_output_tokens_s),
+        ):
+            if bucket is None or not limit or remaining is None or reset is None:
+                continue
+            server_s = (remaining + reset * limit / 60.0) / (limit / 60.0)
+            seen = self._server_burst_s.get(name)
+            if seen is not None and server_s >= seen:
+                continue
+            self._server_burst_s[name] = server_s
+            burst_s = min(server_s, MAX_BURST_S)
+            if abs(burst_s - bucket.burst_s) <= 0.05 * bucket.burst_s:
+                continue
+            before = bucket.capacity
+            bucket.configure(bucket.per_minute, burst_s=burst_s, pace=self._limits.utilization * self._pace, now=now)
+            grown = bucket.capacity - before
+            if grown > 0 and seen is None:
+                bucket.level = min(bucket.capacity, bucket.level + grown, float(remaining))
+
     def _follow_remaining(self, ticket: Ticket, rate: RateLimitInfo, now: float) -> None:
         """Pull a bucket down when the server has less left than our own accounting says (another
         client on the same key, or a different count); never up."""
@@ -334,14 +370,14 @@ class Limiter(LaneLimiter):
         if bucket is None:
             return Bucket(per_minute, burst_s=self._limits.burst_s, pace=pace, now=now)
         if bucket.per_minute != per_minute:
-            bucket.configure(per_minute, burst_s=self._limits.burst_s, pace=pace, now=now)
+            bucket.configure(per_minute, burst_s=bucket.burst_s, pace=pace, now=now)
         return bucket
 
     def _set_pace(self, pace: float, now: float) -> None:
         self._pace = pace
         self._pace_stamp = now
         for b in self._buckets():
-            b.configure(b.per_minute, burst_s=self._limits.burst_s, pace=self._limits.utilization * pace, now=now)
+            b.configure(b.per_minute, burst_s=b.burst_s, pace=self._limits.utilization * pace, now=now)
 
     def _recover(self, now: float) -> None:
         # Cap the step so the first success after a long pause does not undo the backoff at once.

@@ -3,9 +3,10 @@ through one forced tool, and usage counted as input, output and cache reads."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any, ClassVar
+
+import orjson
 
 from backfill.errors import SpecError
 from backfill.providers.base import Provider, Reply
@@ -118,7 +119,7 @@ class AnthropicProvider(Provider):
 
     def _message_outcome(self, reply: Reply, tool: str | None) -> Outcome:
         try:
-            data = json.loads(reply.body)
+            data = orjson.loads(reply.body)
             blocks = data["content"]
             stop = data.get("stop_reason")
             usage = _usage(data.get("usage"))
@@ -126,7 +127,7 @@ class AnthropicProvider(Provider):
                 text: str | None = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
             else:
                 found = [b["input"] for b in blocks if b.get("type") == "tool_use" and b.get("name") == tool]
-                text = json.dumps(found[0], ensure_ascii=False) if found else None
+                text = orjson.dumps(found[0]).decode() if found else None
         except (ValueError, LookupError, TypeError, AttributeError):
             return self._malformed(reply)
         finish = _FINISH.get(stop, stop) if isinstance(stop, str) else None

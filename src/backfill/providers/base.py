@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import aiohttp
+import orjson
 
 from backfill.errors import SpecError
 from backfill.providers.headers import parse_retry_after
@@ -41,7 +41,8 @@ class ErrorFields:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    # orjson: encoding and decoding are a measurable share of a request's CPU with the stdlib.
+    return orjson.dumps(obj)
 
 
 def _trim(text: str) -> str:
@@ -54,7 +55,7 @@ def error_fields(body: bytes) -> ErrorFields:
 
     The message is untrimmed so that the key is blanked out before it is shortened."""
     try:
-        data = json.loads(body)
+        data = orjson.loads(body)
     except ValueError:
         return ErrorFields(None, None, body.decode("utf-8", "replace"))
     if not isinstance(data, dict):

@@ -4,11 +4,12 @@ simulator), and Azure OpenAI deployments, which speak the same bodies with other
 from __future__ import annotations
 
 import base64
-import json
 from array import array
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import orjson
 
 from backfill.providers.base import Provider, Reply
 from backfill.providers.headers import openai_rate
@@ -98,7 +99,7 @@ class OpenAIProvider(Provider):
 
     def _chat_outcome(self, reply: Reply) -> Outcome:
         try:
-            data = json.loads(reply.body)
+            data = orjson.loads(reply.body)
             choice = data["choices"][0]
             message = choice["message"]
             finish = choice.get("finish_reason")
@@ -120,7 +121,7 @@ class OpenAIProvider(Provider):
 
     def _embedding_outcome(self, reply: Reply, n: int) -> Outcome:
         try:
-            data = json.loads(reply.body)
+            data = orjson.loads(reply.body)
             items = sorted(data["data"], key=lambda item: item["index"])
             vectors = [_vector(item["embedding"]) for item in items]
             raw_usage = data.get("usage")

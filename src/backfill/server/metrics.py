@@ -85,3 +85,6 @@ class MeteredLimiter(LaneLimiter):
 
     def stats(self) -> LimiterStats:
         return self._inner.stats()
+
+    def counts_tokens(self) -> bool:
+        return self._inner.counts_tokens()

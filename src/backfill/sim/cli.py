@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from backfill import loop
 from backfill.sim.config import Faults, KeyLimits, ModelInfo, Outage, SimConfig, model_info_for
 from backfill.sim.server import Simulator
 
@@ -97,7 +98,7 @@ def sim_command(
         raise typer.BadParameter(str(exc)) from None
     if models is not None:
         config.models = _models(models)
-    asyncio.run(_serve(Simulator(config, host=host, port=port)))
+    loop.run(_serve(Simulator(config, host=host, port=port)))
 
 
 async def _serve(sim: Simulator) -> None:
