@@ -51,9 +51,13 @@ class Bucket:
         self.level = min(self.capacity, self.level + amount)
 
     def follow_server(self, remaining: float, mark: float) -> None:
-        """The server said `remaining` when it admitted a request charged at `mark`; since then we
-        spent and refilled `flow - mark`. Never raise our level above our own accounting."""
-        predicted = remaining + (self.flow - mark)
+        """The server said `remaining` on the answer to a request charged at `mark`. Servers may
+        count it when they admit the request (then our net refill since, `flow - mark`, comes on
+        top) or when they answer (then everything sent before the answer is already in it, and
+        subtracting our spending since `mark` again would halve a burst). Take the later reading
+        when we spent more than we refilled, so we never drop below what the server reported.
+        Never raise our level above our own accounting."""
+        predicted = remaining + max(0.0, self.flow - mark)
         self.level = min(self.level, predicted)
 
     def drain(self) -> None:
