@@ -116,3 +116,30 @@ def test_sandbox_refuses_escapes(template: str) -> None:
 def test_safe_arithmetic_still_works() -> None:
     t = PromptTemplate(prompt="{{ '-' * 3 }}{{ 2 ** 10 }}{{ n * 2 }}{{ text.upper() }}{{ '{:>4}'.format(n) }}")
     assert t.render({"n": 7, "text": "ok"})[0]["content"] == "---102414OK   7"
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ text }}",
+        "Q: {{ text }}\nA ({{ n }}, {{ x }}, {{ flag }}, {{ empty }}, {{ items }}):",
+        "  {{- text -}}  \n{{ n }}\n",
+        '{{ row["first name"] }} / {{ text }}',  # not plain substitution: Jinja renders it
+        "{{ text | upper }} {% if n %}{{ n }}{% endif %}",
+    ],
+)
+def test_plain_substitution_renders_exactly_as_jinja(template: str) -> None:
+    """Templates made only of text and {{ column }} skip Jinja's render; the text must be the same."""
+    rows = [
+        {"text": "héllo {{ not a tag }}", "n": 3, "x": 0.25, "flag": True, "empty": None, "items": [1, "a"], "first name": "Ada"},
+        {"text": "", "n": None, "x": -1e20, "flag": False, "empty": "", "items": [], "first name": None},
+    ]
+    fast = PromptTemplate(prompt=template, system="Rows: {{ n }}")
+    assert (fast._messages[1][2] is not None) == ("row[" not in template and "|" not in template)
+    for row in rows:
+        expected = [
+            {"role": "system", "content": fast._messages[0][1].render({**row, "row": row})},
+            {"role": "user", "content": fast._messages[1][1].render({**row, "row": row})},
+        ]
+        assert fast.render(row) == expected
+        assert fast.render_text(row) == expected[1]["content"]
