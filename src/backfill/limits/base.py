@@ -21,7 +21,9 @@ class LaneLimits:
     max_in_flight: int = 256
     # Anthropic counts max_tokens at admission and corrects to the actual output; OpenAI does not.
     refund_output: bool = False
-    # Bucket capacity in seconds of the limit: small, so a minute's allowance is never spent in a burst.
+    # Bucket capacity in seconds of the limit until the provider's headers tell the size of its own
+    # (then the limiter follows that). Half a second: at start-up, new connections make requests
+    # reach the server bunched, and a start at 0.9 s met 429s against a 1 s server bucket.
     burst_s: float = 0.5
     # Fraction of each limit we pace at, leaving the server's buckets a little headroom for jitter.
     utilization: float = 1.0
