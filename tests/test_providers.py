@@ -134,7 +134,7 @@ async def test_openai_chat_request_and_response(llm: FakeLLM) -> None:
             "x-ratelimit-reset-tokens": "6m0s",
         },
     )
-    params = {"temperature": 0, "max_tokens": 50, "seed": 7, "stop": ["\n"]}
+    params = {"temperature": 0, "max_tokens": 50, "seed": 7, "stop": ["\n"], "logit_bias": {50256: -100}}
     async with OpenAIProvider(base_url=f"{llm.url}/v1", api_key=KEY) as p:
         out = await p.complete(chat(params=params, schema=SCHEMA, schema_name="label_row"))
     seen = llm.seen[0]
@@ -144,6 +144,7 @@ async def test_openai_chat_request_and_response(llm: FakeLLM) -> None:
         "model": "gpt-4o-mini",
         "messages": [{"role": "user", "content": "hi"}],
         **params,
+        "logit_bias": {"50256": -100},  # a Python caller's int token ids go out as JSON's string keys
         "response_format": {
             "type": "json_schema",
             "json_schema": {"name": "label_row", "schema": SCHEMA, "strict": False},  # SCHEMA allows extra keys

@@ -42,7 +42,8 @@ class ErrorFields:
 
 def dumps(obj: Any) -> bytes:
     # orjson: encoding and decoding are a measurable share of a request's CPU with the stdlib.
-    return orjson.dumps(obj)
+    # Non-string keys as json.dumps writes them: a Python caller's logit_bias={50256: -100}.
+    return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
 
 
 def _trim(text: str) -> str:
