@@ -153,3 +153,31 @@ async def test_a_request_every_row_gets_rejected_for_stops_the_job(tmp_path: Pat
                 state_dir=tmp_path, progress=False, max_in_flight=4,
             )
         assert len(sim.log) < 40
+
+
+def test_a_ledger_from_before_the_request_counts_opens_and_resumes_counting(tmp_path: Path) -> None:
+    """A ledger written before `requests` and `rate_limited` existed gains them instead of breaking every command."""
+    import sqlite3
+
+    path = tmp_path / "backfill.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE jobs (id TEXT PRIMARY KEY, owner TEXT NOT NULL, status TEXT NOT NULL, reason TEXT,"
+        " spec TEXT NOT NULL, input_fingerprint TEXT NOT NULL, rows_total INTEGER, chunks_total INTEGER,"
+        " rows_ok INTEGER NOT NULL DEFAULT 0, rows_failed INTEGER NOT NULL DEFAULT 0, spent_usd REAL NOT NULL DEFAULT 0,"
+        " input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0, requested TEXT,"
+        " created REAL NOT NULL, updated REAL NOT NULL)"
+    )
+    db.execute("INSERT INTO jobs VALUES ('j1', 'me', 'paused', NULL, '{}', 'fp', 10, 1, 4, 1, 0.5, 100, 20, NULL, 1.0, 2.0)")
+    db.commit()
+    db.close()
+    store = open_store(tmp_path)
+    try:
+        store.add_request_counts("j1", 7, 2)
+        job = store.get_job("j1")
+        assert job is not None
+        assert (job.rows_ok, job.spent_usd, job.requested, job.created, job.updated) == (4, 0.5, None, 1.0, 2.0)
+        assert (job.requests, job.rate_limited) == (7, 2)
+        assert [j.id for j in store.list_jobs()] == ["j1"]
+    finally:
+        store.close()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -120,6 +120,12 @@ class JobRecord:
         return self.rows_ok + self.rows_failed
 
 
+# Named, not `*`: columns added by ALTER TABLE come last in an older ledger.
+_JOB_COLUMNS = ", ".join(f.name for f in fields(JobRecord))
+# Job columns added after the first release, with their defaults (0).
+_ADDED_JOB_COLUMNS = ("requests", "rate_limited")
+
+
 def _pack(vector: list[float] | None) -> bytes | None:
     return None if vector is None else np.asarray(vector, dtype=np.float32).tobytes()
 
@@ -138,9 +144,17 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_new_columns()
         self._pending: list[tuple[Any, ...]] = []
         self._pending_spend: dict[str, list[float]] = {}
         self._flush_scheduled = False
+
+    def _add_new_columns(self) -> None:
+        """A ledger written by an earlier version lacks the columns added since; add them (with their defaults)."""
+        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+        for column in _ADDED_JOB_COLUMNS:
+            if column not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self.flush()
@@ -247,18 +261,20 @@ class Store:
         return row[0] if row else None
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
     def find_jobs(self, prefix: str) -> list[JobRecord]:
-        rows = self._db.execute("SELECT * FROM jobs WHERE id LIKE ? ORDER BY created", (prefix + "%",)).fetchall()
+        rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id LIKE ? ORDER BY created", (prefix + "%",)).fetchall()
         return [self._job(r) for r in rows]
 
     def list_jobs(self, owner: str | None = None, limit: int = 50) -> list[JobRecord]:
         if owner is None:
-            rows = self._db.execute("SELECT * FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
+            rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created DESC LIMIT ?", (limit,))
         else:
-            rows = self._db.execute("SELECT * FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit))
+            rows = self._db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner = ? ORDER BY created DESC LIMIT ?", (owner, limit)
+            )
         return [self._job(r) for r in rows.fetchall()]
 
     @staticmethod
