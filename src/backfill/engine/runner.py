@@ -157,6 +157,7 @@ class JobRunner:
         self.stats.cost_usd = job.spent_usd
         self.stats.rows_ok, self.stats.rows_failed = job.rows_ok, job.rows_failed
         self.stats.rows_before = job.rows_done
+        self.stats.requests_before, self.stats.rate_limited_before = job.requests, job.rate_limited
         done = store.done_chunks(plan.job_id)
         self._chunks_left = plan.chunks_total - len(done)
         if self._chunks_left == 0:
@@ -280,14 +281,14 @@ class JobRunner:
 
     async def _dispatch(self) -> None:
         embedding = self.plan.is_embedding
-        budgeted = self.spec.budget.usd is not None
+        always_count = embedding or self.spec.budget.usd is not None  # packing and budgets need token counts
         while True:
             await self.breaker.wait()
             row = await self._next_row()
             if row is None:
                 return
             rows = self._pack(row) if embedding and not row.solo else [row]
-            counts = embedding or budgeted or self.limiter.counts_tokens()
+            counts = always_count or self.limiter.counts_tokens()
             tokens_in = sum(r.request.prompt_tokens for r in rows) if counts else 0
             tokens_out = sum(r.request.max_output_tokens for r in rows)
             estimate = self.plan.cost(tokens_in, tokens_out)

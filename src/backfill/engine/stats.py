@@ -15,9 +15,11 @@ class JobStats:
     rows_failed: int = 0
     rows_from_cache: int = 0
     rows_before: int = 0  # rows done by earlier runs of this job (resume)
-    requests_sent: int = 0
+    requests_sent: int = 0  # by this run
     requests_ok: int = 0
-    rate_limited: int = 0
+    rate_limited: int = 0  # 429s in this run
+    requests_before: int = 0  # sent by earlier runs of this job
+    rate_limited_before: int = 0
     retries: int = 0
     input_tokens: int = 0
     output_tokens: int = 0

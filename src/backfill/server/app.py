@@ -314,8 +314,9 @@ def job_view(sched: Scheduler, job: ServerJob) -> JobView:
         rows_total=job.rows_total,
         rows_ok=rows_ok,
         rows_failed=rows_failed,
-        requests_sent=(rec.requests if rec else 0) + (stats.requests_sent if stats else 0),
-        rate_limited=(rec.rate_limited if rec else 0) + (stats.rate_limited if stats else 0),
+        # A live run's own totals: the ledger adds this run's counts when it ends, before it leaves `running`.
+        requests_sent=stats.requests_before + stats.requests_sent if stats else (rec.requests if rec else 0),
+        rate_limited=stats.rate_limited_before + stats.rate_limited if stats else (rec.rate_limited if rec else 0),
         input_tokens=max(stats.input_tokens if stats else 0, rec.input_tokens if rec else 0),
         output_tokens=max(stats.output_tokens if stats else 0, rec.output_tokens if rec else 0),
         cost_usd=cost,
