@@ -31,7 +31,15 @@ MAX_IN_FLIGHT = 256
 
 # Plain English words of one cl100k token each (with their leading space), so a prompt of n words
 # counts close to n tokens and every row is a different request.
-_WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "one", "all", "we", "their", "has", "been", "if", "more", "when", "will", "would", "who", "so", "no", "out", "up", "into", "do", "than", "can", "time", "only", "some", "could", "new", "them", "man", "other", "these", "may", "first", "then", "any", "like", "my", "now", "over", "such", "our", "even", "most", "made", "after", "also", "did", "many", "off", "before", "must", "well", "back", "through", "years", "much", "where", "your", "way", "down", "should", "because", "each", "just", "those", "people", "how", "too", "little", "state", "good", "very", "make", "world", "still", "see", "own", "men", "work", "long", "here", "get", "both", "between", "life", "being", "under", "never", "day", "same", "another", "know", "while", "last", "might", "us", "great", "old", "year", "since", "come", "part"]
+_WORDS = (
+    "the of and to in is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there one all we their has been if more when will would who so no out up "
+    "into do than can time only some could new them man other these may first then any like my now over "
+    "such our even most made after also did many off before must well back through years much where your "
+    "way down should because each just those people how too little state good very make world still see "
+    "own men work long here get both between life being under never day same another know while last "
+    "might us great old year since come part"
+).split()
 
 
 @dataclass
