@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import gzip
 import json
@@ -237,6 +238,27 @@ def test_check_id_column(tmp_path: Path, kind: str) -> None:
     nulls = good.set_column(0, "id", pa.array([None if i == 7 else i for i in range(5000)], pa.int64()))
     with pytest.raises(SpecError, match="1 empty value"):
         check_id_column(open_source(source(nulls, "nulls")), "id")
+
+
+@pytest.mark.parametrize(
+    "ids, dupes",
+    [
+        (["a", "b", "ä", "a", "A"], 1),  # text ids pass as JSON
+        ([2**64 - 1, 2**64 - 2, 2**63], 0),  # uint64 beyond int64: as exact text, never rounded together
+        ([dt.date(2024, 1, 1), dt.date(2024, 1, 2), dt.date(2024, 1, 1)], 1),
+    ],
+)
+def test_check_id_column_types(ids: list[object], dupes: int) -> None:
+    arrow_type = pa.uint64() if isinstance(ids[0], int) else None
+    table = pa.table({"id": pa.array(ids, arrow_type), "text": [str(i) for i in range(len(ids))]})
+    if dupes:
+        with pytest.raises(SpecError, match=rf"{dupes} duplicated value"):
+            check_id_column(open_source(table), "id")
+    else:
+        check_id_column(open_source(table), "id")
+    nested = pa.table({"id": [[1], [2]], "text": ["a", "b"]})
+    with pytest.raises(SpecError, match="cannot serve as a row id"):
+        check_id_column(open_source(nested), "id")
 
 
 # --- sinks -------------------------------------------------------------------

