@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -226,3 +227,27 @@ def test_estimate_counts_exact_tokens_without_sending(tmp_path: Path) -> None:
     assert est.min_duration_s == pytest.approx(120.0)
     assert est.cost_usd == pytest.approx(plan.prices.cost("gpt-4o-mini", expected, 1200))
     assert json.dumps(est.__dict__)
+
+
+async def test_chat_rows_are_rendered_ahead_only_as_far_as_the_slots_need(tmp_path: Path) -> None:
+    from backfill.engine import JobRunner, run_job
+    from backfill.spec import from_options
+
+    longest = 0
+    sampler: list[asyncio.TimerHandle] = []
+
+    def sample(runner: JobRunner) -> None:
+        nonlocal longest
+        longest = max(longest, len(runner._queue))
+        sampler[:] = [asyncio.get_running_loop().call_later(0.002, sample, runner)]
+
+    async with Simulator(SimConfig(latency_s=0.01)) as sim:
+        spec = from_options(
+            prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id",
+            max_in_flight=4, chunk_size=50,
+        )
+        result = await run_job(spec, data=make_rows(400), state_dir=tmp_path, on_start=sample)
+        sampler[0].cancel()
+    assert result.status == "succeeded" and result.stats.rows_ok == 400
+    # One chunk beyond the in-flight cap at most; unchecked, the producer queues 16 chunks (800 rows).
+    assert 4 <= longest <= 4 + 50

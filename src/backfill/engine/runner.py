@@ -110,6 +110,11 @@ class JobRunner:
         self.breaker = CircuitBreaker()
         self._queue: deque[Row] = deque()
         self._queue_ready = asyncio.Event()
+        self._queue_short = asyncio.Event()
+        # The producer renders chat rows ahead only while fewer than this are queued: enough to keep
+        # every in-flight slot busy, and rendering chunks ahead does not hold back the first requests.
+        # Embedding rows are packed many to a request, so they are read ahead as far as chunks allow.
+        self._read_ahead = None if plan.is_embedding else lim.max_in_flight
         self._waiting: dict[str, list[Row]] = {}  # request key → rows waiting on the one request in flight
         self._tasks: set[asyncio.Task[None]] = set()
         # Enough open chunks that a few rows backing off cannot starve the dispatcher, few enough
@@ -140,6 +145,7 @@ class JobRunner:
             self._stop = _Stop(status, reason, hard)
             self._stopped.set()
             self._queue_ready.set()
+            self._queue_short.set()
             if hard:
                 for t in list(self._tasks):
                     t.cancel()
@@ -229,6 +235,13 @@ class JobRunner:
                 return
             if index not in done:
                 await self._open_chunk(index, pa.Table.from_batches([batch]))
+                await self._until_queue_short()
+
+    async def _until_queue_short(self) -> None:
+        limit = self._read_ahead
+        while limit is not None and len(self._queue) >= limit and not self._stop:
+            self._queue_short.clear()
+            await self._queue_short.wait()
 
     async def _open_chunk(self, index: int, table: pa.Table) -> None:
         await self._open_chunks.acquire()
@@ -278,7 +291,12 @@ class JobRunner:
                 return None
             self._queue_ready.clear()
             await self._queue_ready.wait()
-        return None if self._stop else self._queue.popleft()
+        if self._stop:
+            return None
+        row = self._queue.popleft()
+        if self._read_ahead is not None and len(self._queue) < self._read_ahead:
+            self._queue_short.set()
+        return row
 
     async def _dispatch(self) -> None:
         embedding = self.plan.is_embedding

@@ -27,6 +27,9 @@ MAX_BURST_S = 1.0
 # Of the server's bucket we take this share: the rest absorbs requests that reach it bunched
 # (connection set-up, network jitter), which would otherwise meet 429s when both buckets are full.
 SERVER_BURST_SHARE = 0.9
+# Of the server's bucket we leave this share unused in steady state, for requests that reach it
+# bunched; less than the slack above, as our own bucket is then nearly empty and cannot burst.
+MARGIN_SHARE = 0.05
 # The burst learned after the start (the server's bucket was bigger than ours) is taken late, at
 # most this share above the limit, while the server's `remaining` shows the room.
 LIFT_SHARE = 0.1
@@ -361,8 +364,7 @@ class Limiter(LaneLimiter):
         ):
             if bucket is not None and remaining is not None and mark is not None:
                 bucket.refill(now)
-                # Keep what the server holds beyond our capacity (SERVER_BURST_SHARE) as the margin.
-                margin = bucket.capacity * (1.0 / SERVER_BURST_SHARE - 1.0)
+                margin = bucket.capacity * MARGIN_SHARE / SERVER_BURST_SHARE
                 bucket.follow_server(remaining, mark, margin=margin, lift_share=LIFT_SHARE, now=now)
 
     def _apply_limits(self, now: float) -> None:
