@@ -78,7 +78,8 @@ def guess_messages(messages: list[dict[str, Any]], model: str = "") -> int:
     """A quick count of a chat prompt for while the encoding loads (see _BYTES_PER_TOKEN)."""
     n = _TOKENS_PER_REPLY
     for m in messages:
-        n += _TOKENS_PER_MESSAGE + 1 + -(-len(_content_text(m.get("content")).encode()) // _BYTES_PER_TOKEN)  # the role is one token
+        size = len(_content_text(m.get("content")).encode())
+        n += _TOKENS_PER_MESSAGE + 1 + -(-size // _BYTES_PER_TOKEN)  # the role is one token
     return _scaled(n, model)
 
 

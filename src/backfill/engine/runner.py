@@ -33,6 +33,10 @@ from backfill.store import CachedResponse, DeadLetter, Store
 
 # Statuses a job ends in when this process stops it without finishing.
 PAUSED = "paused"
+# An embedding request waits up to this long for the producer to queue a full request's worth of
+# rows: otherwise, whenever the limiter does not hold the dispatcher back, requests carry only what
+# one chunk queued (measured: 356 requests for 200,000 rows where 109 would do, 6% fewer rows/s).
+PACK_LINGER_S = 0.05
 # When this many requests in a row are rejected before any succeeds, the request itself is wrong
 # (a bad parameter or schema), not the rows: stop instead of dead-lettering the whole table.
 REJECTED_BEFORE_STOP = 20
@@ -119,9 +123,13 @@ class JobRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         # Enough open chunks that a few rows backing off cannot starve the dispatcher, few enough
         # that memory does not grow with the input.
-        self._open_chunks = asyncio.Semaphore(max(16, -(-4 * lim.max_in_flight // self.spec.chunk_size) + 4))
+        open_chunks = max(16, -(-4 * lim.max_in_flight // self.spec.chunk_size) + 4)
+        self._open_chunks = asyncio.Semaphore(open_chunks)
+        # A full embedding request, or as many rows as the open chunks can queue.
+        self._full_pack = min(provider.max_embedding_inputs, open_chunks * self.spec.chunk_size)
         self._chunks_left = 0
         self._all_done = asyncio.Event()
+        self._produced = False  # every chunk has been read (and queued or answered from the cache)
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._reserved_usd = 0.0
@@ -236,6 +244,8 @@ class JobRunner:
             if index not in done:
                 await self._open_chunk(index, pa.Table.from_batches([batch]))
                 await self._until_queue_short()
+        self._produced = True
+        self._queue_ready.set()  # a dispatcher waiting for a full pack need wait no more
 
     async def _until_queue_short(self) -> None:
         limit = self._read_ahead
@@ -303,6 +313,8 @@ class JobRunner:
         always_count = embedding or self.spec.budget.usd is not None  # packing and budgets need token counts
         while True:
             await self.breaker.wait()
+            if embedding:
+                await self._until_pack_full()
             row = await self._next_row()
             if row is None:
                 return
@@ -327,6 +339,20 @@ class JobRunner:
             task = asyncio.create_task(self._send(rows, ticket, estimate))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    async def _until_pack_full(self) -> None:
+        """Wait, at most PACK_LINGER_S, until a full embedding request's worth of rows is queued."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PACK_LINGER_S
+        while len(self._queue) < self._full_pack and not self._produced and not self._stop:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            self._queue_ready.clear()
+            try:
+                await asyncio.wait_for(self._queue_ready.wait(), left)
+            except TimeoutError:
+                return
 
     def _pack(self, first: Row) -> list[Row]:
         """Take queued embedding rows into one request, within the provider's per-request limits."""
@@ -370,9 +396,10 @@ class JobRunner:
     # --- outcomes ---------------------------------------------------------------
 
     def _handle(self, rows: list[Row], ticket: Any, outcome: Outcome) -> None:
-        # Pacing guesses prompt tokens until the tokenizer is loaded; loading it takes half a second
-        # of CPU, so it starts once the first requests are out rather than holding them back.
-        tokens.load_in_background()
+        # Under a token limit, pacing guesses prompt tokens until the tokenizer is loaded; loading it
+        # takes half a second of CPU, so it starts once the first requests are out.
+        if not tokens.loaded() and self.limiter.counts_tokens():
+            tokens.load_in_background()
         kind = outcome.kind
         self.breaker.record(kind is OutcomeKind.RETRY)
         if kind is OutcomeKind.RATE_LIMITED:

@@ -522,7 +522,9 @@ def _id_values(ids: pa.Array | pa.ChunkedArray, column: str) -> pa.Array | pa.Ch
     try:
         return ids.cast(pa.string())  # dates, decimals, uint64 beyond int64: their exact text
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        raise SpecError(f"The id column '{column}' has type {t}, which cannot serve as a row id; use integers or text.") from None
+        raise SpecError(
+            f"The id column '{column}' has type {t}, which cannot serve as a row id; use integers or text."
+        ) from None
 
 
 def check_id_column(source: Source, column: str) -> None:
