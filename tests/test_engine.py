@@ -251,3 +251,22 @@ async def test_chat_rows_are_rendered_ahead_only_as_far_as_the_slots_need(tmp_pa
     assert result.status == "succeeded" and result.stats.rows_ok == 400
     # One chunk beyond the in-flight cap at most; unchecked, the producer queues 16 chunks (800 rows).
     assert 4 <= longest <= 4 + 50
+
+
+@pytest.mark.parametrize("linger_s", [0.0, 0.05])
+async def test_embedding_requests_wait_briefly_for_a_full_pack(tmp_path: Path, monkeypatch, linger_s: float) -> None:
+    from backfill.engine import runner
+
+    monkeypatch.setattr(runner, "PACK_LINGER_S", linger_s)
+    async with Simulator(SimConfig(embedding_dim=8)) as sim:
+        out = await backfill.arun(
+            make_rows(6000).to_pandas(), prompt="{{ id }}: {{ text }}", model="text-embedding-3-small", kind="embedding",
+            provider="sim", base_url=sim.base_url, id_column="id", state_dir=tmp_path, progress=False,
+            return_type="arrow", params={"dimensions": 8}, chunk_size=100,
+        )
+        requests = [e for e in sim.log.entries if e.path.endswith("/embeddings")]
+    assert out.num_rows == 6000 and set(out.column("status").to_pylist()) == {"ok"}
+    if linger_s:
+        assert len(requests) <= 10  # up to 2,048 rows a request (53 requests without the wait, measured)
+    else:
+        assert len(requests) > 20  # without the wait, a request takes about what one 100-row chunk queued
