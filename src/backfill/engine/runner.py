@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class JobRunner:
         # The producer renders chat rows ahead only while fewer than this are queued: enough to keep
         # every in-flight slot busy, and rendering chunks ahead does not hold back the first requests.
         # Embedding rows are packed many to a request, so they are read ahead as far as chunks allow.
-        self._read_ahead = None if plan.is_embedding else lim.max_in_flight
+        self._read_ahead: float = math.inf if plan.is_embedding else lim.max_in_flight
         self._waiting: dict[str, list[Row]] = {}  # request key → rows waiting on the one request in flight
         self._tasks: set[asyncio.Task[None]] = set()
         # Enough open chunks that a few rows backing off cannot starve the dispatcher, few enough
@@ -248,8 +249,7 @@ class JobRunner:
         self._queue_ready.set()  # a dispatcher waiting for a full pack need wait no more
 
     async def _until_queue_short(self) -> None:
-        limit = self._read_ahead
-        while limit is not None and len(self._queue) >= limit and not self._stop:
+        while len(self._queue) >= self._read_ahead and not self._stop:
             self._queue_short.clear()
             await self._queue_short.wait()
 
@@ -304,7 +304,7 @@ class JobRunner:
         if self._stop:
             return None
         row = self._queue.popleft()
-        if self._read_ahead is not None and len(self._queue) < self._read_ahead:
+        if len(self._queue) < self._read_ahead:
             self._queue_short.set()
         return row
 

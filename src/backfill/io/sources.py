@@ -512,7 +512,7 @@ def open_source(data: Any, *, format: str | None = None) -> Source:
     )
 
 
-def _id_values(ids: pa.Array | pa.ChunkedArray, column: str) -> pa.Array | pa.ChunkedArray:
+def _id_values(ids: pa.Array, column: str) -> pa.Array:
     """Ids as integers that fit int64 or as text, so they pass through JSON into SQLite unchanged."""
     t = ids.type
     if pa.types.is_string(t) or pa.types.is_large_string(t):
