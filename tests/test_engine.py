@@ -229,6 +229,35 @@ def test_estimate_counts_exact_tokens_without_sending(tmp_path: Path) -> None:
     assert json.dumps(est.__dict__)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(model="gpt-4o-mini", params={"max_tokens": 10, "temperature": 0.5, "stop": ["ü"]}, schema={"type": "object", "properties": {"a": {"type": "string"}}}),
+        dict(model="claude-3-5-haiku-latest", provider="anthropic", system="Sé breve."),
+        dict(model="text-embedding-3-small", kind="embedding"),
+    ],
+)
+def test_request_keys_are_the_defined_hash(options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan serializes the job's part of a request key once; keys must stay those `request_key`
+    defines, or every cache written before would be paid for again."""
+    from backfill.engine import make_plan
+    from backfill.engine.plan import request_key
+    from backfill.spec import from_options
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    table = pa.table({"id": ["a", "b"], "text": ["naïve — ünïcode 漢字", 'quotes " and \\ backslash']})
+    spec = from_options(prompt=PROMPT, **options)
+    plan = make_plan(spec, table)
+    keys = []
+    for row in table.to_pylist():
+        request = plan.build_request(row)
+        body = request.input if request.kind == "embedding" else request.messages
+        task = spec.task
+        assert request.key == request_key(task.provider, task.model, body, request.params, task.schema_)
+        keys.append(request.key)
+    assert len(set(keys)) == 2
+
+
 async def test_chat_rows_are_rendered_ahead_only_as_far_as_the_slots_need(tmp_path: Path) -> None:
     from backfill.engine import JobRunner, run_job
     from backfill.spec import from_options

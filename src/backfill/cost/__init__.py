@@ -38,6 +38,13 @@ class Price:
         if not 0.0 <= self.batch_discount <= 1.0:
             raise SpecError(f"The batch_discount {self.batch_discount} must be a fraction between 0 and 1.")
 
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0, batch: bool = False) -> float:
+        """USD for one usage. `input_tokens` includes `cached_tokens` (OpenAI's convention)."""
+        cached = min(max(cached_tokens, 0), input_tokens)
+        cached_rate = self.input if self.cached_input is None else self.cached_input
+        usd = ((input_tokens - cached) * self.input + cached * cached_rate + output_tokens * self.output) * _PER_TOKEN
+        return usd * (1.0 - self.batch_discount) if batch else usd
+
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Price))
 
@@ -105,10 +112,7 @@ class PriceTable:
         price = self.get(model)
         if price is None:
             raise SpecError(f"Model '{model}' has no known price; add its input and output prices to the job file.")
-        cached = min(max(cached_tokens, 0), input_tokens)
-        cached_rate = price.input if price.cached_input is None else price.cached_input
-        usd = ((input_tokens - cached) * price.input + cached * cached_rate + output_tokens * price.output) * _PER_TOKEN
-        return usd * (1.0 - price.batch_discount) if batch else usd
+        return price.cost(input_tokens, output_tokens, cached_tokens, batch)
 
     def models(self) -> list[str]:
         """The model names with a price of their own (aliases and snapshots not listed)."""

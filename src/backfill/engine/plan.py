@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -64,12 +65,28 @@ class Plan:
             return [pa.field("embedding", pa.list_(pa.float32()))]
         return [pa.field("output", pa.string())]
 
-    def build_request(self, row: dict[str, Any]) -> Request:
-        """Render one row into its request; the request key hashes everything that affects the answer."""
+    @cached_property
+    def _request_params(self) -> dict[str, Any]:
+        """The parameters every request of the job carries (shared, never mutated)."""
         task = self.spec.task
         params = dict(task.params)
         if task.provider == "anthropic" and "max_tokens" not in params:
             params["max_tokens"] = DEFAULT_MAX_TOKENS["anthropic"]
+        return params
+
+    @cached_property
+    def _key_frame(self) -> tuple[str, str]:
+        """The request key's JSON before and after the body: the job's provider, model, parameters and
+        schema are serialized once, not once per row. `request_key` is the definition."""
+        task = self.spec.task
+        head = f"[{_key_json(task.provider)},{_key_json(task.model)},"
+        tail = f",{_key_json(self._request_params)},{_key_json(task.schema_)}]"
+        return head, tail
+
+    def build_request(self, row: dict[str, Any]) -> Request:
+        """Render one row into its request; the request key hashes everything that affects the answer."""
+        task = self.spec.task
+        params = self._request_params
         if self.is_embedding:
             text = self.template.render_text(row)
             body: Any = text
@@ -80,9 +97,9 @@ class Plan:
             body = messages
             max_out = int(params.get("max_tokens") or params.get("max_completion_tokens") or UNSET_MAX_TOKENS_RESERVE)
             text = None
-        key = request_key(task.provider, task.model, body, params, task.schema_)
+        head, tail = self._key_frame
         return Request(
-            key=key,
+            key=hashlib.sha256(f"{head}{_key_json(body)}{tail}".encode()).hexdigest(),
             kind=task.kind,
             model=task.model,
             messages=messages,
@@ -96,14 +113,17 @@ class Plan:
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         if self.price is None:
             return 0.0
-        return self.prices.cost(self.spec.task.model, input_tokens, output_tokens, cached_tokens)
+        return self.price.cost(input_tokens, output_tokens, cached_tokens)
+
+
+def _key_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def request_key(provider: str, model: str, body: Any, params: dict[str, Any], schema: dict[str, Any] | None) -> str:
     # The simulator speaks OpenAI's protocol, so its answers are keyed like OpenAI's would be
     # only if it is the same service; keeping the provider in the key keeps them apart.
-    blob = json.dumps([provider, model, body, params, schema], sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return hashlib.sha256(_key_json([provider, model, body, params, schema]).encode()).hexdigest()
 
 
 def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None) -> Plan:

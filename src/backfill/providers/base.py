@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Self
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from backfill.errors import SpecError
 from backfill.providers.headers import parse_retry_after
@@ -102,6 +103,8 @@ class Provider(abc.ABC):
         auth = self._auth_headers(self._api_key) if self._api_key else {}
         self._headers = {"Content-Type": "application/json", **self.protocol_headers, **auth, **(headers or {})}
         self._session: aiohttp.ClientSession | None = None
+        # Parsed once per endpoint: aiohttp would parse the string again for every request.
+        self._urls: dict[str, URL] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(lane_id={self.lane_id!r})"
@@ -161,7 +164,7 @@ class Provider(abc.ABC):
         """POST JSON; a failure before a response arrived comes back as an Outcome."""
         session = self._session or self._ensure_session()
         try:
-            async with session.post(url, data=dumps(body)) as resp:
+            async with session.post(self._urls.get(url) or self._parse_url(url), data=dumps(body)) as resp:
                 return Reply(resp.status, resp.headers, await resp.read())
         except TimeoutError:
             return Outcome(
@@ -177,6 +180,13 @@ class Provider(abc.ABC):
                 OutcomeKind.RETRY,
                 error=f"The connection to {self.name} failed ({type(exc).__name__}); the request will be retried.",
             )
+
+    def _parse_url(self, url: str) -> URL:
+        try:
+            parsed = self._urls[url] = URL(url)
+        except ValueError as e:
+            raise aiohttp.InvalidURL(url) from e
+        return parsed
 
     def _scrub(self, text: str) -> str:
         key = self._api_key
