@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from backfill.tokens import count_text
 
 ECHO_WORDS = 8
@@ -65,7 +67,7 @@ class Lengths:
 
 
 def canonical_json(body: Any) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
 def request_digest(body: Any) -> bytes:

@@ -17,7 +17,6 @@ import asyncio
 import base64
 import hashlib
 import itertools
-import json
 import math
 import random
 import threading
@@ -26,6 +25,7 @@ from array import array
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
 
+import orjson
 from aiohttp import web
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -56,7 +56,8 @@ _OPENAI_LIMIT_WORDS = {"requests": ("requests", "RPM"), "tokens": ("tokens", "TP
 
 
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    # orjson: the stdlib's encoder and decoder were a tenth of the sim's CPU per request.
+    return orjson.dumps(value)
 
 
 class _Reply(Exception):
@@ -239,7 +240,7 @@ class Simulator:
     async def _read_json(self, request: web.BaseRequest, anthropic: bool) -> dict[str, Any]:
         raw = await request.read()
         try:
-            body = json.loads(raw)
+            body = orjson.loads(raw)
         except ValueError:
             body = None
         if not isinstance(body, dict):
