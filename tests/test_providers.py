@@ -501,6 +501,14 @@ async def test_connection_refused_is_retry() -> None:
     assert out.kind is RETRY and "connection" in (out.error or "")
 
 
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:99999/v1", "http://[::1/v1"])
+async def test_a_base_url_that_cannot_be_parsed_is_fatal(base_url: str) -> None:
+    async with OpenAIProvider(base_url=base_url, api_key=KEY) as p:
+        first, again = await p.complete(chat()), await p.complete(chat())
+    for out in (first, again):
+        assert out.kind is OutcomeKind.FATAL and "base URL" in (out.error or "") and KEY not in (out.error or "")
+
+
 # --- registry, identity, header parsing ----------------------------------------------------------
 
 
