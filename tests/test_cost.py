@@ -1,10 +1,10 @@
-"""Prices: the shipped table, lookups through snapshots and aliases, overrides and cost maths."""
+"""Prices and context sizes: the shipped table, lookups through snapshots and aliases, overrides and cost maths."""
 
 from __future__ import annotations
 
 import pytest
 
-from backfill.cost import Price, PriceTable
+from backfill.cost import ModelLimits, Price, PriceTable, context_limit
 from backfill.errors import SpecError
 
 REQUIRED = [
@@ -12,7 +12,7 @@ REQUIRED = [
     "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small", "text-embedding-3-large",
     "text-embedding-ada-002", "claude-opus-4-1", "claude-sonnet-4-5", "claude-sonnet-4",
     "claude-haiku-4-5", "claude-3-5-haiku", "gemini-2.5-pro", "gemini-2.5-flash",
-    "gemini-2.5-flash-lite", "gemini-2.0-flash", "sim-chat", "sim-embed",
+    "gemini-2.5-flash-lite", "gemini-2.0-flash", "sim-chat", "sim-embed", "o1", "o3-mini",
 ]  # fmt: skip
 
 
@@ -89,3 +89,48 @@ def test_overrides(table: PriceTable) -> None:
         table.with_overrides({"gpt-4o": {"input": -1}})
     with pytest.raises(SpecError, match="between 0 and 1"):
         Price(input=1, output=1, batch_discount=50)
+
+
+def test_every_model_has_its_context_size(table: PriceTable) -> None:
+    for model in table.models():
+        limits = table.limits(model)
+        assert limits.context_tokens, model
+        assert limits.max_output_tokens is None or limits.max_output_tokens < limits.context_tokens, model
+        if model.startswith(("text-embedding", "sim-embed")):
+            assert (limits.context_tokens, limits.max_output_tokens) == (8_191, None), model
+        else:
+            assert limits.max_output_tokens, model
+    expected = {  # (context, max output) as the providers state them
+        "gpt-4o": (128_000, 16_384), "gpt-4o-mini": (128_000, 16_384), "gpt-4o-2024-05-13": (128_000, 4_096),
+        "gpt-4.1-nano": (1_047_576, 32_768), "o1": (200_000, 100_000), "o4-mini": (200_000, 100_000),
+        "gpt-5-mini": (400_000, 128_000), "claude-sonnet-4-5": (200_000, 64_000), "claude-opus-4-1": (200_000, 32_000),
+        "claude-3-5-haiku": (200_000, 8_192), "gemini-2.5-pro": (1_048_576, 65_536), "sim-chat": (128_000, 16_384),
+    }  # fmt: skip
+    for model, (context, output) in expected.items():
+        assert (table.context_tokens(model), table.max_output_tokens(model)) == (context, output), model
+
+
+def test_context_size_lookup_sees_through_snapshots_and_aliases(table: PriceTable) -> None:
+    assert table.context_tokens("gpt-4o-mini-2024-07-18") == 128_000
+    assert table.max_output_tokens("gpt-4o-2024-08-06") == 16_384  # the family's, not the first snapshot's 4,096
+    assert table.max_output_tokens("gpt-4o-2024-05-13") == 4_096
+    assert table.context_tokens("claude-sonnet-4-0") == table.context_tokens("claude-3-5-haiku-latest") == 200_000
+    assert table.context_tokens("models/gemini-2.5-flash") == 1_048_576
+    # gpt-5-chat-latest is priced as gpt-5 but holds a third of its context.
+    assert table.get("gpt-5-chat-latest") == table.get("gpt-5")
+    assert (table.context_tokens("gpt-5-chat-latest"), table.context_tokens("gpt-5")) == (128_000, 400_000)
+    assert table.context_tokens("my-llama") is None and table.limits("my-llama") == ModelLimits()
+    # A job's price override keeps the model's context size.
+    assert table.with_overrides({"gpt-4o": {"input": 1.0}}).context_tokens("gpt-4o") == 128_000
+
+
+def test_a_job_overrides_the_context_size(table: PriceTable) -> None:
+    assert context_limit(table, "gpt-4o-mini", None) == 128_000
+    assert context_limit(table, "gpt-4o-mini", 32_000) == 32_000
+    assert context_limit(table, "my-llama", 8_192) == 8_192
+    assert context_limit(table, "my-llama", None) is None
+    for bad in (0, -5, 1.5):
+        with pytest.raises(SpecError, match="positive whole number"):
+            context_limit(table, "gpt-4o", bad)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="exceeds the context_tokens"):
+        ModelLimits(context_tokens=1_000, max_output_tokens=4_096)

@@ -253,7 +253,7 @@ def test_request_keys_are_the_defined_hash(options: dict, monkeypatch: pytest.Mo
         request = plan.build_request(row)
         body = request.input if request.kind == "embedding" else request.messages
         task = spec.task
-        assert request.key == request_key(task.provider, task.model, body, request.params, task.schema_)
+        assert request.key == request_key(task.provider, plan.endpoint, task.model, body, request.params, task.schema_)
         keys.append(request.key)
     assert len(set(keys)) == 2
 
@@ -267,7 +267,7 @@ async def test_chat_rows_are_rendered_ahead_only_as_far_as_the_slots_need(tmp_pa
 
     def sample(runner: JobRunner) -> None:
         nonlocal longest
-        longest = max(longest, len(runner._queue))
+        longest = max(longest, len(runner.dispatcher.queue))
         sampler[:] = [asyncio.get_running_loop().call_later(0.002, sample, runner)]
 
     async with Simulator(SimConfig(latency_s=0.01)) as sim:
@@ -284,9 +284,9 @@ async def test_chat_rows_are_rendered_ahead_only_as_far_as_the_slots_need(tmp_pa
 
 @pytest.mark.parametrize("linger_s", [0.0, 0.05])
 async def test_embedding_requests_wait_briefly_for_a_full_pack(tmp_path: Path, monkeypatch, linger_s: float) -> None:
-    from backfill.engine import runner
+    from backfill.engine import dispatch
 
-    monkeypatch.setattr(runner, "PACK_LINGER_S", linger_s)
+    monkeypatch.setattr(dispatch, "PACK_LINGER_S", linger_s)
     async with Simulator(SimConfig(embedding_dim=8)) as sim:
         out = await backfill.arun(
             make_rows(6000).to_pandas(), prompt="{{ id }}: {{ text }}", model="text-embedding-3-small", kind="embedding",

@@ -147,7 +147,7 @@ async def test_circuit_breaker_opens_on_a_failure_spike_and_closes_after_cooldow
 async def test_a_request_every_row_gets_rejected_for_stops_the_job(tmp_path: Path) -> None:
     models = default_models() | {"gpt-4o-mini": ModelInfo(context_window=5)}
     async with Simulator(SimConfig(models=models)) as sim:
-        with pytest.raises(FatalProviderError, match="first 20 requests were all rejected"):
+        with pytest.raises(FatalProviderError, match="first 20 requests all failed the same way"):
             await backfill.arun(
                 make_rows(1000).to_pandas(), prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url,
                 state_dir=tmp_path, progress=False, max_in_flight=4,

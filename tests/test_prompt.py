@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pyarrow as pa
 import pytest
 
 from backfill.errors import BackfillError, SpecError
-from backfill.prompt import PromptError, PromptTemplate, check_columns
+from backfill.prompt import PromptError, PromptTemplate, check_columns, check_text_columns
 
 
 def test_prompt_and_system_render_to_messages() -> None:
@@ -143,3 +144,37 @@ def test_plain_substitution_renders_exactly_as_jinja(template: str) -> None:
         ]
         assert fast.render(row) == expected
         assert fast.render_text(row) == expected[1]["content"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["Say: {{ text }}", "Say: {{ text | upper }}", "{% if n %}{{ text }}{% endif %}", "{{ text | tojson }}"],
+)
+def test_binary_value_is_never_rendered_as_bytes(template: str) -> None:
+    t = PromptTemplate(prompt=template)
+    with pytest.raises(PromptError, match=r"^Column 'text' holds binary data, not text; "):
+        t.render({"text": b"row 1", "n": 1})
+    with pytest.raises(PromptError, match="Column 'text' holds binary data"):
+        t.render_text({"text": b"row 1", "n": 1})
+    assert "b'" not in t.render({"text": "row 1", "n": 1})[0]["content"]
+
+
+def test_binary_value_reached_another_way_is_refused() -> None:
+    text_row = {"the text": "x", "n": 1}
+    assert PromptTemplate(prompt="{{ row | tojson }} {{ row }}").render(text_row)[0]["content"] == (
+        '{"the text": "x", "n": 1} ' + str(text_row)
+    )
+    for template in ('{{ row["the text"] }}', "{{ meta.blob }}", "{{ meta | tojson }}"):
+        with pytest.raises(PromptError, match="binary data, not text") as e:
+            PromptTemplate(prompt=template).render({"the text": b"x", "meta": {"blob": b"x"}})
+        assert "b'x'" not in str(e.value)
+
+
+def test_binary_columns_used_by_the_template_are_refused_from_the_schema() -> None:
+    t = PromptTemplate(prompt="{{ text }} {{ n }}")
+    schema = pa.schema([("text", pa.binary()), ("n", pa.int64()), ("blob", pa.large_binary())])
+    with pytest.raises(SpecError, match=r"^Column 'text' holds binary data, not text; "):
+        check_text_columns(t, schema)
+    check_text_columns(PromptTemplate(prompt="{{ n }}"), schema)  # an unused binary column is fine
+    with pytest.raises(SpecError, match="Column 'blob' holds binary data"):
+        check_text_columns(PromptTemplate(prompt='{{ row["blob"] }}'), pa.schema([("blob", pa.large_binary())]))

@@ -17,8 +17,18 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from backfill.errors import SpecError
-from backfill.providers import AnthropicProvider, AzureProvider, OpenAIProvider, Provider, get_provider
+from backfill.errors import BackfillError, SpecError
+from backfill.providers import (
+    AnthropicProvider,
+    AzureProvider,
+    OpenAIProvider,
+    Provider,
+    SimProvider,
+    StructuredMode,
+    get_provider,
+    open_provider,
+)
+from backfill.sim import SimConfig, Simulator
 from backfill.providers.headers import parse_duration, parse_instant, parse_retry_after
 from backfill.request import OutcomeKind, Request
 
@@ -270,6 +280,7 @@ async def test_anthropic_messages_request_and_structured_answer(llm: FakeLLM) ->
     assert seen.body["tools"][0]["name"] == "label_row" and seen.body["tools"][0]["input_schema"] == SCHEMA
     assert seen.body["tool_choice"] == {"type": "tool", "name": "label_row"}
     assert out.kind is OutcomeKind.OK and json.loads(out.text or "") == {"label": "é"} and out.finish_reason == "stop"
+    assert out.structured_mode == "tool"
     assert (out.usage.input_tokens, out.usage.output_tokens, out.usage.cached_tokens) == (125, 7, 100)
     assert out.rate is not None
     assert (out.rate.limit_requests, out.rate.limit_input_tokens, out.rate.limit_output_tokens) == (
@@ -501,6 +512,17 @@ async def test_connection_refused_is_retry() -> None:
     assert out.kind is RETRY and "connection" in (out.error or "")
 
 
+async def test_a_base_url_with_credentials_and_a_bearer_key_is_refused_before_sending(llm: FakeLLM) -> None:
+    base_url = "http://user:pa55word@" + llm.url[len("http://") :]
+    with pytest.raises(SpecError, match="base URL") as refused:
+        OpenAIProvider(base_url=base_url, api_key=KEY)
+    assert KEY not in str(refused.value) and "pa55word" not in str(refused.value)
+    llm.reply = Reply(body=openai_answer())
+    async with OpenAIProvider(base_url=base_url, api_key=None) as p:  # the URL's credentials alone: basic auth
+        out = await p.complete(chat())
+    assert out.kind is OutcomeKind.OK and llm.seen[0].headers["Authorization"].startswith("Basic ")
+
+
 @pytest.mark.parametrize("base_url", ["http://127.0.0.1:99999/v1", "http://[::1/v1"])
 async def test_a_base_url_that_cannot_be_parsed_is_fatal(base_url: str) -> None:
     async with OpenAIProvider(base_url=base_url, api_key=KEY) as p:
@@ -514,12 +536,59 @@ async def test_a_base_url_that_cannot_be_parsed_is_fatal(base_url: str) -> None:
 
 def test_registry_and_lane_id() -> None:
     assert {get_provider(n).name for n in ("openai", "azure", "anthropic")} == {"openai", "azure", "anthropic"}
-    with pytest.raises(SpecError, match="anthropic, azure, openai"):
+    with pytest.raises(SpecError, match="anthropic, azure, openai, sim"):
         get_provider("gemini")
     p: Provider = OpenAIProvider(base_url="https://api.openai.com/v1/", api_key=KEY)
     assert p.lane_id == f"openai|https://api.openai.com/v1|{hashlib.sha256(KEY.encode()).hexdigest()[:8]}"
     assert KEY not in p.lane_id and KEY not in repr(p) and not p.refunds_output_tokens
     assert AnthropicProvider(api_key=KEY).base_url == "https://api.anthropic.com"
+
+
+def test_adapters_carry_their_own_facts() -> None:
+    local, azure_url = "http://localhost:8000/v1", "https://team.openai.azure.com/openai/deployments/gpt4o"
+    openai_, azure, anthropic, sim = (get_provider(n) for n in ("openai", "azure", "anthropic", "sim"))
+    assert (openai_.key_env, azure.key_env, anthropic.key_env, sim.key_env) == (
+        "OPENAI_API_KEY",
+        "AZURE_OPENAI_API_KEY",
+        "ANTHROPIC_API_KEY",
+        None,
+    )
+    # A key and a price where the provider's cloud bills; a compatible server elsewhere may need neither.
+    assert openai_.needs_key_for(None) and openai_.needs_key_for("https://api.openai.com/v1")
+    assert not openai_.needs_key_for(local) and not openai_.needs_price(local)
+    assert openai_.needs_price(None) and openai_.needs_price("https://API.openai.com/v1")
+    assert azure.needs_key_for(azure_url) and azure.needs_price(azure_url) and azure.needs_key_for(local)
+    assert anthropic.needs_key_for(None) and anthropic.needs_price(None) and not anthropic.needs_price(local)
+    assert not sim.needs_key_for(None) and not sim.needs_price(None) and not sim.needs_price(local)
+    assert sim.starts_simulator and not openai_.starts_simulator
+    assert not anthropic.supports_embeddings and openai_.supports_embeddings and sim.supports_embeddings
+    assert anthropic.default_params == {"max_tokens": 1024} and openai_.default_params == {}
+    assert openai_.structured_modes[0] is StructuredMode.JSON_SCHEMA and sim.structured_modes == openai_.structured_modes
+    assert anthropic.structured_modes == (StructuredMode.TOOL,)
+    assert AnthropicProvider(api_key=KEY).structured_mode is StructuredMode.TOOL
+
+
+async def test_open_provider_starts_the_builtin_simulator_only_without_a_base_url() -> None:
+    async with open_provider("sim", base_url=None, api_key=None, timeout_s=10, max_connections=4) as p:
+        assert isinstance(p, SimProvider) and p.lane_id.startswith("sim|http://127.0.0.1:")
+        out = await p.complete(chat())
+        assert out.kind is OutcomeKind.OK and (out.text or "").startswith("Answer to «hi»")
+    assert p._session is None  # closed with the context
+    async with Simulator(SimConfig()) as sim:
+        async with open_provider("sim", base_url=sim.base_url, api_key="sk-1", timeout_s=10, max_connections=4) as p:
+            out = await p.complete(chat(schema=SCHEMA))
+        async with open_provider("openai", base_url=sim.base_url, api_key="sk-1", timeout_s=10, max_connections=4) as o:
+            assert o.lane_id.startswith(f"openai|{sim.base_url}|")
+        assert len(sim.log) == 1 and out.structured_mode == "json_schema"
+    with pytest.raises(SpecError, match="base URL"):
+        async with open_provider("azure", base_url=None, api_key=KEY, timeout_s=10, max_connections=4):
+            pass
+
+
+async def test_anthropic_embeddings_fail_at_once_with_a_sentence() -> None:
+    async with AnthropicProvider(base_url="http://127.0.0.1:9", api_key=KEY) as p:
+        with pytest.raises(BackfillError, match="no embeddings endpoint"):
+            await asyncio.wait_for(p.embed([Request(key="e", kind="embedding", model="m", input="x")]), 1)
 
 
 def test_header_parsing() -> None:

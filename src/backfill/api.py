@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from backfill import engine, loop
 from backfill.engine.runner import RunResult
+from backfill.status import JobStatus, StopCause
 from backfill.errors import BackfillError, BudgetExceeded, FatalProviderError
 from backfill.progress import show_progress
 from backfill.spec import JobSpec, from_options
@@ -37,11 +38,13 @@ def _to_frame(table: pa.Table, return_type: ReturnType) -> Any:
 
 
 def _raise_unless_done(result: RunResult) -> None:
-    if result.status == "succeeded":
+    if result.status is JobStatus.SUCCEEDED:
         return
-    if result.status == "failed":
+    if result.error is not None:
+        raise BackfillError(f"Job {result.job_id} failed: {result.reason}") from result.error
+    if result.status is JobStatus.FAILED:
         raise FatalProviderError(f"Job {result.job_id} failed: {result.reason}")
-    if (result.reason or "").startswith("stopped: budget"):
+    if result.cause is StopCause.BUDGET:
         raise BudgetExceeded(f"Job {result.job_id} {result.reason}")
     raise BackfillError(f"Job {result.job_id} is {result.status}: {result.reason}. Call run again to resume it.")
 
@@ -55,6 +58,7 @@ async def arun(
     return_type: ReturnType = "pandas",
     progress: bool | None = None,
     state_dir: str | Path | None = None,
+    cache: bool = True,
     **options: Any,
 ) -> Any:
     """Run a job over `data` (a pandas/polars/arrow frame or a file path) and return the output as a frame.
@@ -65,7 +69,8 @@ async def arun(
     `options` are the job's settings by their flag names: system, messages, provider,
     base_url, api_key_env, kind, params, id_column, output, columns, rpm, tpm,
     max_in_flight, budget_usd, chunk_size, ... Calling again with the same arguments
-    resumes the same job and pays for nothing already answered.
+    resumes the same job and pays for nothing already answered. `cache=False` does not
+    reuse answers other jobs paid for.
     """
     spec, frame = _spec(data, dict(options, prompt=prompt, model=model, schema=schema))
     show = sys.stderr.isatty() or _in_notebook() if progress is None else progress
@@ -76,7 +81,7 @@ async def arun(
             tasks.append(asyncio.create_task(show_progress(runner.stats)))
 
     try:
-        result = await engine.run_job(spec, data=frame, state_dir=state_dir, on_start=on_start)
+        result = await engine.run_job(spec, data=frame, state_dir=state_dir, on_start=on_start, use_cache=cache)
     finally:
         for t in tasks:
             t.cancel()

@@ -2,13 +2,16 @@
 
 Exit codes: 0 the job succeeded (rows may be dead letters), 1 unexpected error,
 2 the spec is wrong (nothing was sent), 3 the provider refused the job (bad key,
-unknown model, quota), 4 the budget stopped it, 5 cancelled, 130 interrupted.
+unknown model, quota), 4 the budget stopped it, 5 cancelled, 6 another process is
+running the job, 130 interrupted or paused.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -25,6 +28,7 @@ from backfill.progress import show_progress
 from backfill.server.cli import serve_command, users_app
 from backfill.sim.cli import sim_command
 from backfill.spec import JobSpec, build_spec, from_options
+from backfill.status import JobStatus, StopCause
 from backfill.tokens import is_exact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Push a table through an LLM under rate limits — resumable, exactly once.")
@@ -37,6 +41,12 @@ err = Console(stderr=True)
 EXIT_OK, EXIT_ERROR, EXIT_SPEC, EXIT_FATAL, EXIT_BUDGET, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
 StateDir = typer.Option(None, "--state-dir", help="Where the ledger lives (default ./.backfill).", envvar="BACKFILL_STATE_DIR")
+NoCache = typer.Option(False, "--no-cache", help="Do not reuse answers other jobs paid for (this job's own are always kept).")
+Wait = typer.Option(False, "--wait", help="If another process is running the job, wait for it instead of exiting (code 6).")
+# How a run that stopped early exits, by its stop cause.
+_EXIT_BY_CAUSE = {
+    StopCause.BUDGET: EXIT_BUDGET, StopCause.CANCEL: EXIT_CANCELLED, StopCause.QUOTA: EXIT_FATAL, StopCause.FATAL: EXIT_FATAL,
+}
 
 
 def _spec_from_flags(job_file: Optional[Path], **flags: Any) -> JobSpec:
@@ -55,6 +65,7 @@ def run(
     job_file: Optional[Path] = typer.Argument(None, help="A job file (TOML or YAML); flags override it."),
     input: Optional[str] = typer.Option(None, "--input", "-i", help="Parquet, CSV or JSONL file."),
     input_format: Optional[str] = typer.Option(None, "--input-format"),
+    input_encoding: Optional[str] = typer.Option(None, "--input-encoding", help="Text encoding of a CSV or JSONL input (default utf-8)."),
     id_column: Optional[str] = typer.Option(None, "--id-column", help="Column with the row id (default: row position)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="User message template, e.g. 'Classify: {{ text }}'."),
     system: Optional[str] = typer.Option(None, "--system", help="System message template."),
@@ -66,6 +77,7 @@ def run(
     schema: Optional[str] = typer.Option(None, "--schema", help="JSON Schema file of the output; its fields become columns."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output file (.parquet, .csv, .jsonl)."),
     output_format: Optional[str] = typer.Option(None, "--output-format"),
+    if_exists: Optional[str] = typer.Option(None, "--if-exists", help="When the output file exists: fail (default) or replace."),
     columns: Optional[str] = typer.Option(None, "--columns", help="Input columns to pass through, comma-separated."),
     rpm: Optional[float] = typer.Option(None, "--rpm", help="Requests/min (learned from headers if omitted)."),
     tpm: Optional[float] = typer.Option(None, "--tpm", help="Tokens/min."),
@@ -81,26 +93,31 @@ def run(
     allow_partial: bool = typer.Option(False, "--allow-partial", help="Start even if the estimate exceeds the budget."),
     chunk_size: Optional[int] = typer.Option(None, "--chunk-size"),
     timeout_s: Optional[float] = typer.Option(None, "--timeout", help="Seconds per request."),
+    context_tokens: Optional[int] = typer.Option(None, "--context-tokens", help="Tokens the model accepts (default: built-in table)."),
     state_dir: Optional[Path] = StateDir,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
+    no_cache: bool = NoCache,
+    wait: bool = Wait,
 ) -> None:
     """Run a prompt over every row of a table. Re-running the same command resumes the same job."""
     spec = _spec_from_flags(
         job_file,
-        input=input, input_format=input_format, id_column=id_column, prompt=prompt, system=system, model=model,
-        provider=provider, base_url=base_url, api_key_env=api_key_env, kind=kind, schema=schema, output=output,
-        output_format=output_format, columns=columns, rpm=rpm, tpm=tpm, input_tpm=input_tpm, output_tpm=output_tpm,
+        input=input, input_format=input_format, input_encoding=input_encoding, id_column=id_column, prompt=prompt,
+        system=system, model=model, provider=provider, base_url=base_url, api_key_env=api_key_env, kind=kind,
+        schema=schema, output=output, output_format=output_format, if_exists=if_exists, columns=columns, rpm=rpm, tpm=tpm, input_tpm=input_tpm, output_tpm=output_tpm,
         max_in_flight=max_in_flight, max_tokens=max_tokens, temperature=temperature, seed=seed, top_p=top_p,
         max_attempts=max_attempts, budget_usd=budget_usd, allow_partial=allow_partial or None, chunk_size=chunk_size,
-        timeout_s=timeout_s,
+        timeout_s=timeout_s, context_tokens=context_tokens,
     )
     if not spec.output.path:
         raise SpecError("Job spec field 'output.path': no output given; pass --output FILE.")
-    _run_and_report(spec, state_dir, quiet)
+    _run_and_report(spec, state_dir, quiet, use_cache=not no_cache, wait=wait)
 
 
-def _run_and_report(spec: JobSpec, state_dir: Optional[Path], quiet: bool) -> None:
-    result = loop.run(_run(spec, state_dir, quiet))
+def _run_and_report(spec: JobSpec, state_dir: Optional[Path], quiet: bool, *, use_cache: bool = True, wait: bool = False) -> None:
+    result = loop.run(_run(spec, state_dir, quiet, use_cache=use_cache, wait=wait))
+    if result.error is not None:
+        logging.getLogger("backfill").debug("the job's error", exc_info=result.error)
     s = result.stats
     summary = (
         f"job {result.job_id}: {result.status}" + (f" — {result.reason}" if result.reason else "")
@@ -110,13 +127,18 @@ def _run_and_report(spec: JobSpec, state_dir: Optional[Path], quiet: bool) -> No
     if result.output_path:
         summary += f"\n  output: {result.output_path}"
     err.print(summary, highlight=False)
-    code = {"succeeded": EXIT_OK, "failed": EXIT_FATAL, "cancelled": EXIT_CANCELLED}.get(result.status)
-    if code is None:
-        code = EXIT_BUDGET if (result.reason or "").startswith("stopped: budget") else EXIT_INTERRUPTED
-    raise typer.Exit(code)
+    raise typer.Exit(exit_code(result))
 
 
-async def _run(spec: JobSpec, state_dir: Optional[Path], quiet: bool) -> RunResult:
+def exit_code(result: RunResult) -> int:
+    if result.status is JobStatus.SUCCEEDED:
+        return EXIT_OK
+    if result.error is not None:
+        return EXIT_ERROR
+    return _EXIT_BY_CAUSE.get(result.cause, EXIT_INTERRUPTED) if result.cause else EXIT_FATAL
+
+
+async def _run(spec: JobSpec, state_dir: Optional[Path], quiet: bool, *, use_cache: bool = True, wait: bool = False) -> RunResult:
     progress: list[asyncio.Task[None]] = []
 
     def on_start(runner: engine.JobRunner) -> None:
@@ -124,7 +146,7 @@ async def _run(spec: JobSpec, state_dir: Optional[Path], quiet: bool) -> RunResu
             progress.append(asyncio.create_task(show_progress(runner.stats, err)))
 
     try:
-        return await engine.run_job(spec, state_dir=state_dir, on_start=on_start, handle_signals=True)
+        return await engine.run_job(spec, state_dir=state_dir, on_start=on_start, handle_signals=True, use_cache=use_cache, wait=wait)
     finally:
         for t in progress:
             t.cancel()
@@ -161,7 +183,7 @@ def estimate(
         provider=provider, base_url=base_url, api_key_env=api_key_env, kind=kind, schema=schema, output=output,
         output_format=None, columns=None, rpm=rpm, tpm=tpm, input_tpm=input_tpm, output_tpm=output_tpm,
         max_in_flight=None, max_tokens=max_tokens, temperature=None, seed=None, top_p=None, max_attempts=None,
-        budget_usd=None, allow_partial=None, chunk_size=None, timeout_s=None,
+        budget_usd=None, allow_partial=None, chunk_size=None, timeout_s=None, context_tokens=None,
     )
     plan = engine.make_plan(spec)
     store = engine.open_store(state_dir)
@@ -170,13 +192,20 @@ def estimate(
     finally:
         store.close()
     table = Table(title=f"estimate for {spec.task.model}", show_header=False)
+    table.add_row("job", plan.job_id)
     table.add_row("rows", f"{est.rows:,}")
     table.add_row("already answered (free)", f"{est.rows_cached:,}")
     table.add_row("rows the template fails on", f"{est.rows_failing:,}")
     table.add_row("requests", f"{est.requests:,}")
     table.add_row("input tokens (exact)" if is_exact(spec.task.model) else "input tokens (estimate)", f"{est.input_tokens:,}")
-    table.add_row("expected output tokens", f"{est.expected_output_tokens:,}")
-    table.add_row("cost", "unpriced model" if plan.price is None else f"${est.cost_usd:,.4f}")
+    table.add_row(
+        f"expected output tokens ({est.expected_output_source})",
+        f"{est.expected_output_tokens:,} ({est.expected_output_per_row:,} a row)",
+    )
+    table.add_row("cost (expected)", "unpriced model" if plan.price is None else f"${est.cost_usd:,.4f}")
+    if not plan.is_embedding:
+        at = f"max_tokens={est.max_tokens:,}" if est.max_tokens else f"max_tokens unset, {engine.plan.UNSET_MAX_TOKENS_RESERVE:,} reserved"
+        table.add_row(f"cost (worst case at {at})", "unpriced model" if plan.price is None else f"${est.worst_case_cost_usd:,.4f}")
     if est.min_duration_s is None:
         table.add_row("shortest duration", "unknown: no limits given (they are learned at run time)")
     else:
@@ -206,6 +235,8 @@ def resume(
     allow_partial: bool = typer.Option(False, "--allow-partial"),
     state_dir: Optional[Path] = StateDir,
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    no_cache: bool = NoCache,
+    wait: bool = Wait,
 ) -> None:
     """Continue a job that stopped; answers that already arrived are not paid for again."""
     store = engine.open_store(state_dir)
@@ -221,7 +252,7 @@ def resume(
     if allow_partial:
         data["budget"]["allow_partial"] = True
     spec = build_spec(data)
-    _run_and_report(spec, state_dir, quiet)
+    _run_and_report(spec, state_dir, quiet, use_cache=not no_cache, wait=wait)
 
 
 @app.command()
@@ -277,22 +308,55 @@ def cancel(job: str = typer.Argument(...), state_dir: Optional[Path] = StateDir)
     store = engine.open_store(state_dir)
     try:
         rec = _find_job(store, job)
-        if rec.status == "running":
+        if rec.status == JobStatus.RUNNING:
             store.request(rec.id, "cancel")
             out.print(f"job {rec.id}: cancel requested")
-        elif rec.status in ("succeeded", "cancelled"):
+        elif rec.status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED):
             out.print(f"job {rec.id} is already {rec.status}")
         else:
-            store.set_status(rec.id, "cancelled", "cancelled by request")
+            store.set_status(rec.id, JobStatus.CANCELLED, "cancelled by request", StopCause.CANCEL)
             out.print(f"job {rec.id}: cancelled")
     finally:
         store.close()
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The response cache: answers paid for once, reused by identical requests.")
+app.add_typer(cache_app, name="cache")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'30d', '12h', '90m', '45s', '2w' → seconds."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise SpecError(f"Cannot read the duration '{text}'; write a number and a unit, e.g. 30d, 12h or 90m.")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+@cache_app.command("clear")
+def cache_clear(
+    older_than: Optional[str] = typer.Option(None, "--older-than", help="Only answers older than this, e.g. 30d."),
+    job: Optional[str] = typer.Option(None, "--job", help="Only answers paid for by this job (a unique id prefix is enough)."),
+    state_dir: Optional[Path] = StateDir,
+) -> None:
+    """Delete cached answers (all of them, or those older than a duration or of one job)."""
+    seconds = parse_duration(older_than) if older_than else None
+    store = engine.open_store(state_dir)
+    try:
+        job_id = _find_job(store, job).id if job else None
+        n = store.clear_cache(older_than_s=seconds, job_id=job_id)
+    finally:
+        store.close()
+    out.print(f"removed {n:,} cached answer(s)", highlight=False)
 
 
 def main() -> None:
     debug = "--debug" in sys.argv
     if debug:
         sys.argv.remove("--debug")
+        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     try:
         code = app(standalone_mode=False)
     except BackfillError as e:

@@ -25,3 +25,9 @@ class BudgetExceeded(BackfillError):
     """The estimate or the spend reached the budget."""
 
     exit_code = 4
+
+
+class JobBusy(BackfillError):
+    """Another process holds the job's lease (it is running there)."""
+
+    exit_code = 6

@@ -2,6 +2,7 @@
 
 A user's template sees the row's values and nothing else: no Python attributes, no
 mutation, no huge repetitions. Templates compile once; rendering is on the per-row path.
+Binary values are refused, never rendered as their Python form (b'...').
 """
 
 from __future__ import annotations
@@ -9,10 +10,11 @@ from __future__ import annotations
 import difflib
 import json
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jinja2
+import pyarrow as pa
 from jinja2 import meta, nodes
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -31,8 +33,56 @@ class PromptError(BackfillError):
     """A template failed on one row; the engine dead-letters that row."""
 
 
+_BINARY = (bytes, bytearray, memoryview)
+
+
+def _binary_message(column: str | None) -> str:
+    what = f"Column '{column}' holds" if column is not None else "A value the template renders holds"
+    return f"{what} binary data, not text; convert it to a text column (decode its bytes) before using it in the prompt."
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, _BINARY):
+        raise PromptError(_binary_message(None))
+    if isinstance(value, _TextRow):
+        return dict(value)
+    return str(value)  # dates, decimals: their text
+
+
 def _tojson(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)
+    return json.dumps(value, ensure_ascii=False, default=_json_default)
+
+
+def _finalize(value: Any) -> Any:
+    if value is None:
+        return ""  # a null cell renders as nothing, not "None"
+    if isinstance(value, _BINARY):
+        raise PromptError(_binary_message(None))
+    return value
+
+
+class _TextRow(Mapping[str, Any]):
+    """The row as `row[...]` sees it: a binary value is an error naming its column."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, row: Mapping[str, Any]):
+        self._row = row
+
+    def __getitem__(self, key: str) -> Any:
+        value = self._row[key]
+        if isinstance(value, _BINARY):
+            raise PromptError(_binary_message(key))
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 class _Environment(ImmutableSandboxedEnvironment):
@@ -56,7 +106,7 @@ def _environment() -> _Environment:
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         keep_trailing_newline=True,
-        finalize=lambda v: "" if v is None else v,  # a null cell renders as nothing, not "None"
+        finalize=_finalize,
     )
     env.filters["tojson"] = _tojson  # Jinja's own escapes <, > and & for HTML
     del env.globals["lipsum"]  # generates text of any requested size
@@ -71,13 +121,27 @@ _Parts = tuple[tuple[bool, str], ...]
 _MISSING = object()
 
 
-def _compile(source: str, where: str) -> tuple[jinja2.Template, _Parts | None, frozenset[str]]:
+def _compile(source: str, where: str) -> tuple[jinja2.Template, _Parts | None, frozenset[str], frozenset[str]]:
+    """The template, its plain parts (if any), the variables it uses and the columns it names as row[...]."""
     try:
         ast = _ENV.parse(source)
         template = _ENV.from_string(ast)
     except jinja2.TemplateSyntaxError as e:
         raise SpecError(f"The {where} template has a syntax error on line {e.lineno}: {e.message}.") from None
-    return template, _substitution_parts(ast), frozenset(meta.find_undeclared_variables(ast))
+    return template, _substitution_parts(ast), frozenset(meta.find_undeclared_variables(ast)), _row_keys(ast)
+
+
+def _row_keys(ast: nodes.Template) -> frozenset[str]:
+    """Columns reached by a constant name through the row variable: row["first name"], row.text."""
+    keys: set[str] = set()
+    for node in ast.find_all((nodes.Getitem, nodes.Getattr)):
+        if not (isinstance(node.node, nodes.Name) and node.node.name == ROW_VARIABLE):
+            continue
+        if isinstance(node, nodes.Getattr):
+            keys.add(node.attr)
+        elif isinstance(node.arg, nodes.Const) and isinstance(node.arg.value, str):
+            keys.add(node.arg.value)
+    return frozenset(keys)
 
 
 def _substitution_parts(ast: nodes.Template) -> _Parts | None:
@@ -107,7 +171,14 @@ def _substitute(parts: _Parts, row: Mapping[str, Any]) -> str | None:
         value = row[text] if text in row else (row if text == ROW_VARIABLE else _MISSING)
         if value is _MISSING:
             return None
-        out.append("" if value is None else value if isinstance(value, str) else str(value))
+        if isinstance(value, str):
+            out.append(value)
+        elif value is None:
+            out.append("")
+        elif isinstance(value, _BINARY):
+            raise PromptError(_binary_message(text))
+        else:
+            out.append(str(value))
     return "".join(out)
 
 
@@ -142,20 +213,28 @@ class PromptTemplate:
             names = [f"messages[{i}]" for i in range(len(messages))]
         self._messages: list[tuple[str, jinja2.Template, _Parts | None]] = []
         variables: set[str] = set()
+        row_keys: set[str] = set()
         for name, message in zip(names, messages, strict=True):
             role, content = _check_message(message, name)
-            template, parts, used = _compile(content, name)
+            template, parts, used, keys = _compile(content, name)
             self._messages.append((role, template, parts))
             variables |= used
+            row_keys |= keys
         self._user = [(t, parts) for role, t, parts in self._messages if role == "user"]
         if not self._user:
             raise SpecError("The messages list has no user message; add one.")
         variables.discard(ROW_VARIABLE)
         self.variables: frozenset[str] = frozenset(variables)
+        # Every column the template names, directly or as row[...]; what must hold text.
+        self.columns_used: frozenset[str] = self.variables | row_keys
 
     def _context(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        # A filter turns bytes into "b'...'" before finalize could see them: refuse them first.
+        for name in self.variables:
+            if isinstance(row.get(name), _BINARY):
+                raise PromptError(_binary_message(name))
         context = dict(row)
-        context.setdefault(ROW_VARIABLE, row)
+        context.setdefault(ROW_VARIABLE, _TextRow(row))
         return context
 
     def _one(self, template: jinja2.Template, parts: _Parts | None, row: Mapping[str, Any]) -> str:
@@ -163,8 +242,11 @@ class PromptTemplate:
             text = _substitute(parts, row)
             if text is not None:
                 return text
+        context = self._context(row)
         try:
-            return template.render(self._context(row))
+            return template.render(context)
+        except PromptError:
+            raise
         except Exception as e:  # any failure inside a user's template is this row's problem
             raise PromptError(_row_error(e)) from None
 
@@ -214,3 +296,14 @@ def check_columns(template: PromptTemplate, columns: Iterable[str]) -> None:
         f"The prompt uses column(s) {', '.join(hints)} that the input does not have; "
         f"available columns: {', '.join(available) or '(none)'}."
     )
+
+
+def _is_binary(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t) or pa.types.is_binary_view(t)
+
+
+def check_text_columns(template: PromptTemplate, schema: pa.Schema) -> None:
+    """Raise SpecError naming the first column the template uses that holds binary data."""
+    for field in schema:
+        if field.name in template.columns_used and _is_binary(field.type):
+            raise SpecError(_binary_message(field.name))

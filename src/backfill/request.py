@@ -102,3 +102,5 @@ class Outcome:
     error: str | None = None  # one sentence, never containing a secret
     retry_after: float | None = None  # seconds the provider asked us to wait
     rate: RateLimitInfo | None = None
+    # A schema request's structured-output mode that produced this outcome; the engine persists a change.
+    structured_mode: str | None = None

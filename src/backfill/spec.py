@@ -19,9 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backfill.errors import SpecError
 
-DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "azure": "AZURE_OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-
-
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -30,6 +27,7 @@ class InputSpec(_Part):
     path: str | None = Field(None, description="Parquet, CSV or JSONL file; omitted when a frame is given from Python.")
     format: Literal["parquet", "csv", "jsonl"] | None = None
     id_column: str | None = Field(None, description="Column holding the row id; default: the row's position.")
+    encoding: str | None = Field(None, description="Text encoding of a CSV or JSONL input (e.g. latin-1); default UTF-8.")
 
 
 class TaskSpec(_Part):
@@ -45,6 +43,9 @@ class TaskSpec(_Part):
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON Schema of the structured output.")
     schema_name: str = "output"
     timeout_s: float = Field(60.0, gt=0)
+    context_tokens: int | None = Field(
+        None, gt=0, description="Tokens the model accepts (prompt + output); default: the built-in table, by model."
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -71,15 +72,14 @@ class TaskSpec(_Part):
             raise ValueError("the schema must describe an object with properties (they become output columns)")
         return value
 
-    @property
-    def key_env(self) -> str | None:
-        return self.api_key_env or DEFAULT_KEY_ENV.get(self.provider)
-
 
 class OutputSpec(_Part):
     path: str | None = Field(None, description="Output file; omitted when Python asks for a frame back.")
     format: Literal["parquet", "csv", "jsonl"] | None = None
     columns: list[str] = Field(default_factory=list, description="Input columns passed through to the output.")
+    if_exists: Literal["fail", "replace", "append", "upsert"] = Field(
+        "fail", description="When the output exists and is not this job's: fail, replace it, or (tables) append / upsert."
+    )
 
 
 class LimitsSpec(_Part):
@@ -215,6 +215,7 @@ def from_options(
     job_file: str | Path | None = None,
     input: str | None = None,
     input_format: str | None = None,
+    input_encoding: str | None = None,
     id_column: str | None = None,
     prompt: str | None = None,
     system: str | None = None,
@@ -228,6 +229,7 @@ def from_options(
     params: dict[str, Any] | None = None,
     output: str | None = None,
     output_format: str | None = None,
+    if_exists: str | None = None,
     columns: list[str] | None = None,
     rpm: float | None = None,
     tpm: float | None = None,
@@ -239,6 +241,7 @@ def from_options(
     allow_partial: bool | None = None,
     chunk_size: int | None = None,
     timeout_s: float | None = None,
+    context_tokens: int | None = None,
     prices: dict[str, Any] | None = None,
 ) -> JobSpec:
     """The one way flags and keyword arguments become a JobSpec (a job file first, options on top)."""
@@ -246,7 +249,7 @@ def from_options(
     if "task" in base and "schema" in base["task"]:
         base["task"]["schema"] = load_schema(base["task"]["schema"])
     flags: dict[str, Any] = {
-        "input": {"path": input, "format": input_format, "id_column": id_column},
+        "input": {"path": input, "format": input_format, "encoding": input_encoding, "id_column": id_column},
         "task": {
             "kind": kind,
             "model": model,
@@ -259,8 +262,9 @@ def from_options(
             "schema": load_schema(schema),
             "params": params or None,
             "timeout_s": timeout_s,
+            "context_tokens": context_tokens,
         },
-        "output": {"path": output, "format": output_format, "columns": columns or None},
+        "output": {"path": output, "format": output_format, "if_exists": if_exists, "columns": columns or None},
         "limits": {"rpm": rpm, "tpm": tpm, "input_tpm": input_tpm, "output_tpm": output_tpm, "max_in_flight": max_in_flight},
         "retries": {"max_attempts": max_attempts},
         "budget": {"usd": budget_usd, "allow_partial": allow_partial},

@@ -1,6 +1,7 @@
-"""Prices per model (USD per 1M tokens) and the cost of a request's usage.
+"""Prices and context sizes per model, and the cost of a request's usage.
 
-The built-in table ships as prices.toml beside this module; a job can override any entry.
+The built-in table ships as prices.toml beside this module; a job can override any price,
+and its context size with `context_limit`'s override.
 """
 
 from __future__ import annotations
@@ -46,29 +47,61 @@ class Price:
         return usd * (1.0 - self.batch_discount) if batch else usd
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What one request to the model may hold, in tokens; None where the provider states no figure."""
+
+    context_tokens: int | None = None  # prompt + output together (embeddings: the input)
+    max_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("context_tokens", "max_output_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise SpecError(f"The model limit '{name}' is {value!r}; it must be a positive whole number of tokens.")
+        if self.context_tokens and self.max_output_tokens and self.max_output_tokens > self.context_tokens:
+            raise SpecError(
+                f"The max_output_tokens {self.max_output_tokens} exceeds the context_tokens {self.context_tokens}; check the figures."
+            )
+
+
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Price))
+_LIMIT_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelLimits))
 
 
 class PriceTable:
-    """Model name → Price, with lookups that see through dated snapshots and aliases."""
+    """Model name → Price and ModelLimits, with lookups that see through dated snapshots and aliases."""
 
-    def __init__(self, prices: Mapping[str, Price], aliases: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        prices: Mapping[str, Price],
+        aliases: Mapping[str, str] | None = None,
+        limits: Mapping[str, ModelLimits] | None = None,
+    ):
         self._prices = dict(prices)
         self._aliases = dict(aliases or {})
+        self._limits = dict(limits or {})
 
     @classmethod
     def builtin(cls) -> PriceTable:
         """The table shipped with backfill (prices.toml)."""
         data = tomllib.loads(resources.files(__package__).joinpath("prices.toml").read_text(encoding="utf-8"))
-        prices = {name: Price(**fields) for name, fields in data["models"].items()}
-        return cls(prices, data.get("aliases", {}))
+        prices: dict[str, Price] = {}
+        limits: dict[str, ModelLimits] = {}
+        for name, fields in data["models"].items():
+            # The limits sit beside the prices in the file, but a job overrides them apart (task.context_tokens).
+            prices[name] = Price(**{k: v for k, v in fields.items() if k not in _LIMIT_FIELDS})
+            given = {k: v for k, v in fields.items() if k in _LIMIT_FIELDS}
+            if given:
+                limits[name] = ModelLimits(**given)
+        return cls(prices, data.get("aliases", {}), limits)
 
     def with_overrides(self, overrides: Mapping[str, Price | Mapping[str, Any]]) -> PriceTable:
         """A copy where each named model gets the given price; a partial mapping fills in from the known price."""
         prices = dict(self._prices)
         for model, override in overrides.items():
             prices[model] = override if isinstance(override, Price) else self._merge(model, override)
-        return PriceTable(prices, self._aliases)
+        return PriceTable(prices, self._aliases, self._limits)
 
     def _merge(self, model: str, fields: Mapping[str, Any]) -> Price:
         unknown = sorted(set(fields) - _FIELDS)
@@ -92,13 +125,28 @@ class PriceTable:
         yield name
         yield _DATE_SUFFIX.sub("", name)
 
+    def _lookup(self, table: Mapping[str, Any], model: str) -> Any:
+        for name in self._candidates(model):
+            found = table.get(name) or table.get(self._aliases.get(name, ""))
+            if found is not None:
+                return found
+        return None
+
     def get(self, model: str) -> Price | None:
         """The price of `model`: exact name, alias, then without its date or -latest suffix; else None."""
-        for name in self._candidates(model):
-            price = self._prices.get(name) or self._prices.get(self._aliases.get(name, ""))
-            if price is not None:
-                return price
-        return None
+        return self._lookup(self._prices, model)
+
+    def limits(self, model: str) -> ModelLimits:
+        """The context and output sizes of `model`, found like its price; all None when unknown."""
+        return self._lookup(self._limits, model) or ModelLimits()
+
+    def context_tokens(self, model: str) -> int | None:
+        """Tokens one request may hold, prompt and output together; None when unknown."""
+        return self.limits(model).context_tokens
+
+    def max_output_tokens(self, model: str) -> int | None:
+        """The most output tokens one answer may have; None when the provider states no figure."""
+        return self.limits(model).max_output_tokens
 
     def cost(
         self,
@@ -117,3 +165,12 @@ class PriceTable:
     def models(self) -> list[str]:
         """The model names with a price of their own (aliases and snapshots not listed)."""
         return sorted(self._prices)
+
+
+def context_limit(prices: PriceTable, model: str, override: int | None) -> int | None:
+    """The context size a job holds its requests to: its own (task.context_tokens) when given, else the table's."""
+    if override is None:
+        return prices.context_tokens(model)
+    if isinstance(override, bool) or not isinstance(override, int) or override <= 0:
+        raise SpecError(f"The context size {override!r} must be a positive whole number of tokens (task.context_tokens).")
+    return override

@@ -1,10 +1,9 @@
-"""The engine: plan a job, pick its provider (starting the simulator when asked), run it, report."""
+"""The engine: plan a job (off the event loop), open its provider, take its lease, run it, report."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,25 +11,26 @@ from backfill.engine.estimate import Estimate, estimate
 from backfill.engine.plan import Plan, make_plan
 from backfill.engine.runner import JobRunner, RunResult, lane_limits
 from backfill.engine.stats import JobStats
-from backfill.errors import BudgetExceeded
+from backfill.errors import BudgetExceeded, JobBusy
 from backfill.limits import LaneLimiter, LaneLimits
-from backfill.providers import get_provider
-from backfill.sim import KeyLimits, SimConfig, Simulator
+from backfill.providers import open_provider
 from backfill.spec import JobSpec
+from backfill.status import JobStatus, StopCause
 from backfill.store import Store
 
 __all__ = ["Estimate", "JobRunner", "JobStats", "Plan", "RunResult", "estimate", "make_plan", "run_job", "DEFAULT_STATE_DIR"]
 
 DEFAULT_STATE_DIR = ".backfill"
+# How often a run started with --wait looks whether the job's lease is free.
+LEASE_POLL_S = 1.0
 
 
-def builtin_sim_config() -> SimConfig:
-    """The simulator the quickstart runs on: limits like a modest paid tier, short latency."""
-    return SimConfig(default_limits=KeyLimits(rpm=3000, tpm=2_000_000), latency_s=0.3, latency_sigma=0.3, log_in_memory=False)
+def store_path(state_dir: str | Path | None) -> Path:
+    return Path(state_dir or DEFAULT_STATE_DIR) / "backfill.db"
 
 
 def open_store(state_dir: str | Path | None) -> Store:
-    return Store(Path(state_dir or DEFAULT_STATE_DIR) / "backfill.db")
+    return Store(store_path(state_dir))
 
 
 def check_budget(plan: Plan, store: Store) -> Estimate | None:
@@ -48,6 +48,18 @@ def check_budget(plan: Plan, store: Store) -> Estimate | None:
     return est
 
 
+def _plan_and_check(spec: JobSpec, data: Any, api_key: str | None, path: Path) -> Plan:
+    """Planning renders and counts rows (seconds per million): it runs in a thread, with its own
+    connection to the ledger, so that running jobs keep their pace."""
+    store = Store(path)
+    try:
+        plan = make_plan(spec, data, api_key=api_key, store=store)
+        check_budget(plan, store)
+        return plan
+    finally:
+        store.close()
+
+
 async def run_job(
     spec: JobSpec,
     *,
@@ -57,45 +69,45 @@ async def run_job(
     handle_signals: bool = False,
     api_key: str | None = None,
     limiter_for: Callable[[str, LaneLimits], LaneLimiter] | None = None,
+    use_cache: bool = True,
+    wait: bool = False,
 ) -> RunResult:
     """Plan and run one job to its end (or until stopped).
 
     `on_start` gets the runner (to show progress or stop it); `api_key` replaces the key
     from the environment (a server's named credential); `limiter_for(lane id, limits)`
-    returns the limiter to share with other jobs on the same lane (default: one per job).
+    returns the limiter to share with other jobs on the same lane (default: one per job);
+    `use_cache=False` sends rows that other jobs' answers would serve; `wait` waits while
+    another process holds the job instead of raising JobBusy.
     """
-    plan = make_plan(spec, data, api_key=api_key)
-    store = open_store(state_dir)
+    path = store_path(state_dir)
+    plan = await asyncio.to_thread(_plan_and_check, spec, data, api_key, path)
+    store = Store(path)
     try:
-        check_budget(plan, store)
-        async with AsyncExitStack() as stack:
-            provider_name, base_url = spec.task.provider, spec.task.base_url
-            if provider_name == "sim":
-                if base_url is None:
-                    sim = await stack.enter_async_context(Simulator(builtin_sim_config()))
-                    base_url = sim.base_url
-                provider_name = "openai"
-            provider = get_provider(provider_name)(
-                base_url=base_url,
-                api_key=plan.api_key,
-                timeout_s=spec.task.timeout_s,
-                max_connections=spec.limits.max_in_flight,
-            )
-            await stack.enter_async_context(provider)
+        async with open_provider(
+            spec.task.provider, base_url=spec.task.base_url, api_key=plan.api_key,
+            timeout_s=spec.task.timeout_s, max_connections=spec.limits.max_in_flight,
+        ) as provider:
             limiter = None
             if limiter_for is not None:
                 limiter = limiter_for(f"{provider.lane_id}|{spec.task.model}", lane_limits(spec, provider))
-            runner = JobRunner(plan, store, provider, limiter=limiter)
+            runner = JobRunner(plan, store, provider, limiter=limiter, use_cache=use_cache)
             if handle_signals:
-                _install_signals(runner)
+                _install_signals(runner, plan.job_id)
             if on_start:
                 on_start(runner)
-            return await runner.run()
+            while True:
+                try:
+                    return await runner.run()
+                except JobBusy:
+                    if not wait:
+                        raise
+                    await asyncio.sleep(LEASE_POLL_S)
     finally:
         store.close()
 
 
-def _install_signals(runner: JobRunner) -> None:
+def _install_signals(runner: JobRunner, job_id: str) -> None:
     """First Ctrl-C / SIGTERM: stop dispatching and keep answers in flight; second: stop at once."""
     loop = asyncio.get_running_loop()
     count = 0
@@ -103,7 +115,8 @@ def _install_signals(runner: JobRunner) -> None:
     def handler() -> None:
         nonlocal count
         count += 1
-        runner.stop("paused", "interrupted; run `backfill resume` to continue", hard=count > 1)
+        reason = f"interrupted; run `backfill resume {job_id}` to continue"
+        runner.stop(JobStatus.PAUSED, reason, cause=StopCause.INTERRUPT, hard=count > 1)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handler)

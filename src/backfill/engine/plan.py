@@ -16,14 +16,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from backfill.cost import Price, PriceTable
+from backfill.cost import Price, PriceTable, context_limit
 from backfill.errors import BackfillError, SpecError
 from backfill.io import Source, check_id_column, check_writable, open_source, output_fields
-from backfill.prompt import PromptTemplate, check_columns
+from backfill.prompt import PromptTemplate, check_columns, check_text_columns
+from backfill.providers import get_provider
+from backfill.providers.base import dumps
 from backfill.request import Request
 from backfill.spec import JobSpec
+from backfill.store import Store
 
-DEFAULT_MAX_TOKENS = {"anthropic": 1024}
 # What the sim and OpenAI count against tokens/min when a chat request sets no max_tokens.
 UNSET_MAX_TOKENS_RESERVE = 4096
 
@@ -43,6 +45,8 @@ class Plan:
     rows_total: int
     job_id: str
     input_fingerprint: str
+    endpoint: str = "builtin"
+    context_tokens: int | None = None  # prompt + output the model accepts; None when unknown
 
     @property
     def chunks_total(self) -> int:
@@ -69,17 +73,16 @@ class Plan:
     def _request_params(self) -> dict[str, Any]:
         """The parameters every request of the job carries (shared, never mutated)."""
         task = self.spec.task
-        params = dict(task.params)
-        if task.provider == "anthropic" and "max_tokens" not in params:
-            params["max_tokens"] = DEFAULT_MAX_TOKENS["anthropic"]
-        return params
+        if self.is_embedding:
+            return dict(task.params)
+        return {**get_provider(task.provider).default_params, **task.params}
 
     @cached_property
     def _key_frame(self) -> tuple[str, str]:
-        """The request key's JSON before and after the body: the job's provider, model, parameters and
-        schema are serialized once, not once per row. `request_key` is the definition."""
+        """The request key's JSON before and after the body: the job's provider, endpoint, model,
+        parameters and schema are serialized once, not once per row. `request_key` is the definition."""
         task = self.spec.task
-        head = f"[{_key_json(task.provider)},{_key_json(task.model)},"
+        head = f"[{_key_json(task.provider)},{_key_json(self.endpoint)},{_key_json(task.model)},"
         tail = f",{_key_json(self._request_params)},{_key_json(task.schema_)}]"
         return head, tail
 
@@ -110,6 +113,32 @@ class Plan:
             max_output_tokens=max_out,
         )
 
+    @property
+    def key_env(self) -> str | None:
+        """The variable the API key comes from: the job's own, or the adapter's default."""
+        return self.spec.task.api_key_env or get_provider(self.spec.task.provider).key_env
+
+    def too_long(self, request: Request) -> str | None:
+        """Why a request cannot fit the model's context, or None. A cheap bound (a token is at least one
+        UTF-8 byte, a character at most four) spares counting tokens for rows far below the limit."""
+        limit = self.context_tokens
+        if limit is None:
+            return None
+        if request.messages is not None:
+            chars = sum(len(m.get("content") or "") for m in request.messages if isinstance(m.get("content"), str))
+            overhead = 3 * len(request.messages) + 3
+        else:
+            chars, overhead = len(request.input or ""), 0
+        if 4 * chars + overhead + request.max_output_tokens <= limit:
+            return None
+        prompt = request.prompt_tokens
+        if prompt + request.max_output_tokens <= limit:
+            return None
+        return (
+            f"too long for the model: {prompt:,} prompt tokens + {request.max_output_tokens:,} output tokens"
+            f" reserved exceed its context of {limit:,} tokens; shorten the row or lower --max-tokens"
+        )
+
     def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
         if self.price is None:
             return 0.0
@@ -120,38 +149,69 @@ def _key_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def request_key(provider: str, model: str, body: Any, params: dict[str, Any], schema: dict[str, Any] | None) -> str:
-    # The simulator speaks OpenAI's protocol, so its answers are keyed like OpenAI's would be
-    # only if it is the same service; keeping the provider in the key keeps them apart.
-    return hashlib.sha256(_key_json([provider, model, body, params, schema]).encode()).hexdigest()
+def request_key(
+    provider: str, endpoint: str, model: str, body: Any, params: dict[str, Any], schema: dict[str, Any] | None
+) -> str:
+    """The definition of a request key: everything that determines the answer. Two servers that speak
+    one protocol (two vLLM hosts, two Azure deployments, a rehearsal and the real API) answer
+    differently, so the endpoint (deployment included) is in it; the structured-output mode is not,
+    since it is how the schema travels, not what is asked."""
+    return hashlib.sha256(_key_json([provider, endpoint, model, body, params, schema]).encode()).hexdigest()
 
 
-def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None) -> Plan:
+def key_endpoint(provider: str, base_url: str | None) -> str:
+    """The endpoint as the request key names it: the base URL without a trailing slash, the adapter's
+    default one, or `builtin` for the simulator started in-process (its port changes every run)."""
+    if base_url:
+        return base_url.rstrip("/")
+    return get_provider(provider).default_base_url or "builtin"
+
+
+def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None, store: Store | None = None) -> Plan:
     """Check `spec` (and the in-memory `data`, when given instead of a path) and resolve it into a Plan.
 
-    `api_key`, when given, is used instead of the one in the environment.
+    `api_key`, when given, is used instead of the one in the environment. `store`, when given, is
+    the ledger: an existing output file that its job with this job id writes is this job's own.
     """
     task = spec.task
     if data is None and not spec.input.path:
         raise SpecError("Job spec field 'input.path': no input given; pass --input FILE or a frame.")
-    source = open_source(data if data is not None else spec.input.path, format=spec.input.format)
+    source = open_source(
+        data if data is not None else spec.input.path, format=spec.input.format, encoding=spec.input.encoding
+    )
     if spec.input.id_column:
         check_id_column(source, spec.input.id_column)
     template = PromptTemplate(prompt=task.prompt, system=task.system, messages=task.messages)
     check_columns(template, source.columns)
+    check_text_columns(template, source.schema)
     _check_output_columns(spec, source)
     prices = PriceTable.builtin().with_overrides({m: p.model_dump() for m, p in spec.prices.items()})
     price = prices.get(task.model)
-    if price is None and task.provider in ("openai", "azure", "anthropic") and not task.base_url:
+    adapter = get_provider(task.provider)
+    if task.kind == "embedding" and not adapter.supports_embeddings:
+        raise SpecError(f"The {task.provider} provider has no embeddings endpoint; use kind = \"chat\" or another provider.")
+    if task.schema_ is not None and not adapter.structured_modes:
+        raise SpecError(f"The {task.provider} provider takes no output schema; drop --schema or use another provider.")
+    _check_encodable(task.schema_, task.params)
+    if price is None and adapter.needs_price(task.base_url):
         raise SpecError(
             f"Model '{task.model}' has no known price; check the name or add [prices.\"{task.model}\"]"
             " with input and output (USD per 1M tokens) to the job file."
         )
     api_key = api_key or _api_key(spec)
-    if spec.output.path:
-        check_writable(spec.output.path, spec.output.format)
-    rows_total = source.num_rows()
     fingerprint = source.fingerprint()
+    job_id = spec.job_id(fingerprint)
+    if spec.output.path:
+        # An existing output may be this job's own (it succeeded, or stopped while assembling it).
+        job = store.get_job(job_id) if store is not None else None
+        check_writable(
+            spec.output.path,
+            spec.output.format,
+            input_path=spec.input.path if data is None else None,
+            if_exists=spec.output.if_exists,
+            job_output=job.spec.get("output", {}).get("path") if job is not None else None,
+        )
+    rows_total = source.num_rows()
     plan = Plan(
         spec=spec,
         source=source,
@@ -162,24 +222,33 @@ def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None) ->
         output_schema=pa.schema([]),
         id_column=spec.input.id_column,
         rows_total=rows_total if rows_total is not None else _count_rows(source),
-        job_id=spec.job_id(fingerprint),
+        job_id=job_id,
         input_fingerprint=fingerprint,
+        endpoint=key_endpoint(task.provider, task.base_url),
+        context_tokens=context_limit(prices, task.model, task.context_tokens),
     )
     plan.output_schema = _output_schema(plan)
     _check_first_rows(plan)
     return plan
 
 
+def _check_encodable(schema: dict[str, Any] | None, params: dict[str, Any]) -> None:
+    """A schema or parameter that JSON cannot carry (an integer beyond 64 bits) fails here, not in every request."""
+    try:
+        dumps({"schema": schema, "params": params})
+    except (TypeError, ValueError) as e:
+        raise SpecError(f"The schema or parameters cannot be sent as JSON ({e}); write such bounds as floats (1e20) or drop them.") from None
+
+
 def _api_key(spec: JobSpec) -> str | None:
     task = spec.task
-    if task.provider == "sim":
-        return "sim"
-    env = task.key_env
+    adapter = get_provider(task.provider)
+    env = task.api_key_env or adapter.key_env
     key = os.environ.get(env) if env else None
     if key:
         return key
-    if task.provider == "openai" and task.base_url:
-        return None  # self-hosted OpenAI-compatible servers usually take no key
+    if env is None or not adapter.needs_key_for(task.base_url):
+        return None  # the simulator, and self-hosted OpenAI-compatible servers, usually take no key
     raise SpecError(
         f"The API key variable {env} is not set; export it, or name another one with --api-key-env."
     )
@@ -205,6 +274,7 @@ def _output_schema(plan: Plan) -> pa.Schema:
         pa.field("input_tokens", pa.int64()),
         pa.field("output_tokens", pa.int64()),
         pa.field("cost_usd", pa.float64()),
+        pa.field("cached", pa.bool_()),
     ]
     names = [f.name for f in fields]
     dupes = sorted({n for n in names if names.count(n) > 1})

@@ -1,7 +1,9 @@
 """Sinks: each chunk's results land atomically as one Parquet part; finalize joins the parts into the output file.
 
 Nothing half-written is ever visible under a final name: every file is written to a
-temporary name in the same directory, fsynced, then renamed into place.
+temporary name in the same directory, fsynced, then renamed into place. Before any
+request, `check_writable` makes sure the output can neither destroy the input nor
+overwrite a file that is not this job's, unless asked to.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -26,39 +28,99 @@ _FORMAT_NAMES = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "jsonl": "
 _FINALIZED = "FINALIZED"
 # Rows gathered before the final Parquet file gets a row group: chunks are often small.
 _ROW_GROUP_ROWS = 65536
+IfExists = Literal["fail", "replace", "append", "upsert"]
 
 
 def output_format(path: str | os.PathLike[str], format: str | None) -> str:
-    """The output format: `format` if given, else the file extension, else Parquet."""
+    """The output format: `format` if given, else the file extension, else Parquet.
+
+    A known extension and a given format must agree: Parquet bytes in x.csv mislead every reader.
+    """
+    name = Path(path).name
+    ext = name.rpartition(".")[2] if "." in name else ""
+    by_ext = _FORMAT_NAMES.get(ext.lower())
     if format is not None:
         fmt = _FORMAT_NAMES.get(format.lower().lstrip("."))
         if fmt is None:
             raise SpecError(f"Unknown output format '{format}'; use --output-format parquet|csv|jsonl.")
+        if by_ext is not None and by_ext != fmt:
+            raise SpecError(
+                f"The output file '{path}' ends in .{ext} but the output format is {fmt};"
+                f" make them agree (e.g. name it {name.rpartition('.')[0]}.{fmt})."
+            )
         return fmt
-    name = Path(path).name.lower()
-    if "." not in name:
+    if not ext:
         return "parquet"
-    fmt = _FORMAT_NAMES.get(name.rpartition(".")[2])
-    if fmt is None:
+    if by_ext is None:
         raise SpecError(
             f"Cannot tell the output format of '{path}' from its extension; use --output-format parquet|csv|jsonl."
         )
-    return fmt
+    return by_ext
 
 
-def check_writable(path: str | os.PathLike[str], format: str | None) -> None:
-    """Raise SpecError when the output format is unknown or the output cannot be written where asked."""
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: after `..` and symlinks, or as hard links of one inode."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def _probe(directory: Path) -> None:
+    """Create and remove a file in `directory`: os.access answers yes where writing still fails
+    (/proc, read-only mounts, some network file systems)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".backfill-probe-", suffix=".tmp")
+    except OSError as e:
+        raise SpecError(
+            f"The output directory '{directory}' is not writable ({e.strerror or e}); "
+            "choose another directory or fix its permissions."
+        ) from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def check_writable(
+    path: str | os.PathLike[str],
+    format: str | None,
+    *,
+    input_path: str | os.PathLike[str] | None = None,
+    if_exists: IfExists = "fail",
+    job_output: str | os.PathLike[str] | None = None,
+) -> None:
+    """Raise SpecError unless the output can be written at `path` without destroying anything.
+
+    Refused: the input file itself (whatever `if_exists` says); an existing file that is not
+    this job's own unless `if_exists` is "replace" (`job_output` is where the ledger's job
+    with this job id writes, if there is one); append and upsert, which only tables take; a
+    format its extension contradicts; a directory where a probe file cannot be created.
+    """
     output_format(path, format)
     target = Path(path).expanduser()
+    if if_exists in ("append", "upsert"):
+        raise SpecError(
+            f"--if-exists {if_exists} applies to table outputs (SQL), not files; "
+            f"use --if-exists replace to overwrite '{target}', or choose another path."
+        )
+    if input_path is not None and _same_file(target, Path(input_path).expanduser()):
+        raise SpecError(f"The output '{target}' is the input file; write the output to another file.")
     if target.is_dir():
         raise SpecError(f"The output path '{target}' is a directory; give a file name.")
     parent = target.parent
     if not parent.is_dir():
         raise SpecError(f"The output directory '{parent}' does not exist; create it first.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise SpecError(f"The output directory '{parent}' is not writable; check its permissions.")
-    if target.exists() and not os.access(target, os.W_OK):
-        raise SpecError(f"The output file '{target}' exists and is not writable; check its permissions.")
+    if target.exists():
+        own = job_output is not None and _same_file(target, Path(job_output).expanduser())
+        if not own and if_exists != "replace":
+            raise SpecError(
+                f"The output file '{target}' already exists; pass --if-exists replace to overwrite it, "
+                "or choose another path."
+            )
+        if not os.access(target, os.W_OK):
+            raise SpecError(f"The output file '{target}' exists and is not writable; check its permissions.")
+    _probe(parent)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -151,7 +213,8 @@ class Sink:
                 for batch in pf.iter_batches(use_threads=False):
                     yield batch.cast(self.schema)
 
-    def _finalized(self, n_chunks: int) -> bool:
+    def is_finalized(self, n_chunks: int) -> bool:
+        """Whether the output file holds all `n_chunks` chunks (its parts are gone then)."""
         marker = self.parts_dir / _FINALIZED
         return self.path.exists() and marker.exists() and marker.read_text().strip() == str(n_chunks)
 
@@ -161,7 +224,7 @@ class Sink:
         Streams part by part, so memory stays bounded. Safe to call again: after a crash
         it rebuilds from the parts, after success it returns the finished file.
         """
-        if self._finalized(n_chunks):
+        if self.is_finalized(n_chunks):
             return self.path
         self._check_parts(n_chunks)
         writer = {"parquet": self._write_parquet, "csv": self._write_csv, "jsonl": self._write_jsonl}[self.format]

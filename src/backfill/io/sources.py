@@ -5,6 +5,7 @@ Memory stays bounded by the batch and block size, never by the input size.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
 import re
@@ -73,6 +74,53 @@ def rebatch(batches: Iterable[pa.RecordBatch], size: int) -> Iterator[pa.RecordB
         yield pending[0] if len(pending) == 1 else pa.concat_batches(pending)
 
 
+def _codec(encoding: str | None) -> str | None:
+    """The Python codec name of `encoding`; None for UTF-8, which is read as it is, without transcoding."""
+    if encoding is None:
+        return None
+    try:
+        name = codecs.lookup(encoding).name
+    except LookupError:
+        raise SpecError(
+            f"Unknown input encoding '{encoding}'; give a codec name such as latin-1, cp1252 or utf-16."
+        ) from None
+    return None if name == "utf-8" else name
+
+
+def _utf8_error(path: Path) -> SpecError | None:
+    """Where `path` (decompressed) first stops being UTF-8, as the error to raise; None when it is all UTF-8.
+
+    Only called once a reader has seen bad text, so the valid case costs nothing.
+    """
+    line = 1
+    rest = b""
+    with pa.input_stream(str(path), compression="detect") as f:
+        while True:
+            chunk = f.read(_TEXT_BLOCK)
+            data = rest + chunk
+            try:
+                # Not final until the end: a character cut at the chunk's edge is carried over.
+                _, used = codecs.utf_8_decode(data, "strict", not chunk)
+            except UnicodeDecodeError as e:
+                line += data.count(b"\n", 0, e.start)
+                return SpecError(
+                    f"Input file '{path}' is not valid UTF-8 at line {line} (byte 0x{data[e.start]:02x}); "
+                    "pass --input-encoding latin-1 (or the file's encoding)."
+                )
+            if not chunk:
+                return None
+            line += data.count(b"\n", 0, used)
+            rest = data[used:]
+
+
+def _undecodable(path: Path, encoding: str, e: UnicodeDecodeError) -> SpecError:
+    byte = e.object[e.start : e.start + 1].hex()
+    return SpecError(
+        f"Input file '{path}' cannot be decoded as {encoding} (byte 0x{byte}: {e.reason}); "
+        "pass the file's encoding with --input-encoding."
+    )
+
+
 def _select(batches: Iterable[pa.RecordBatch], columns: list[str] | None) -> Iterator[pa.RecordBatch]:
     return iter(batches) if columns is None else (b.select(columns) for b in batches)
 
@@ -86,14 +134,17 @@ def _head(source: Source, n: int) -> list[dict[str, Any]]:
 
 
 class _FileSource:
-    """What all file sources share: the path, and a fingerprint from path, size and mtime."""
+    """What all file sources share: the path, the text encoding, and a fingerprint from path, size and mtime."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, encoding: str | None = None):
         self.path = path
+        self.encoding = encoding  # a codec name; None for UTF-8
 
     def fingerprint(self) -> str:
         st = self.path.stat()
         ident = f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if self.encoding is not None:  # the same bytes decoded another way are other rows
+            ident += f"|{self.encoding}"
         return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
     def head(self, n: int) -> list[dict[str, Any]]:
@@ -142,15 +193,32 @@ class CsvSource(_FileSource):
     Column types are inferred from the first block; a first full pass (which also counts
     the rows) widens any column whose later values do not fit (int → float → string), so
     types never change half-way through a run. Dates and times stay text, as written.
+    Text is UTF-8 unless an encoding is given, and pyarrow transcodes it; text that is not
+    UTF-8 is an error naming its line, never a binary column.
     """
 
-    def __init__(self, path: Path, delimiter: str = ","):
-        super().__init__(path)
+    def __init__(self, path: Path, delimiter: str = ",", encoding: str | None = None):
+        super().__init__(path, encoding)
         self._parse = pcsv.ParseOptions(delimiter=delimiter, newlines_in_values=True)
-        self._read = pcsv.ReadOptions(block_size=_TEXT_BLOCK)
+        self._read = pcsv.ReadOptions(block_size=_TEXT_BLOCK, encoding=encoding or "utf8")
         self._types: dict[str, pa.DataType] | None = None
         self._num_rows: int | None = None
         self._first_schema = self._open(None).schema
+        self._check_text(self._first_schema)
+
+    def _check_text(self, schema: pa.Schema) -> None:
+        """Raise when pyarrow met bytes that are not UTF-8: it reads such a column as binary, and
+        keeps such a header's bytes as they are (reading the name then fails)."""
+        if self.encoding is not None:
+            return  # transcoded: errors surface as UnicodeDecodeError
+        try:
+            _ = schema.names
+            suspect = any(pa.types.is_binary(t) for t in schema.types)
+        except UnicodeDecodeError:
+            suspect = True
+        error = _utf8_error(self.path) if suspect else None
+        if error is not None:
+            raise error
 
     def _open(self, types: dict[str, pa.DataType] | None) -> pcsv.CSVStreamingReader:
         convert = pcsv.ConvertOptions(column_types=types or {}, timestamp_parsers=[])
@@ -165,6 +233,8 @@ class CsvSource(_FileSource):
             if "Empty CSV file" in str(e):
                 raise SpecError(f"Input file '{self.path}' is empty; a CSV needs at least a header line.") from None
             raise SpecError(f"Cannot read '{self.path}' as CSV ({e}); {_FORMAT_HINT}.") from None
+        except UnicodeDecodeError as e:
+            raise _undecodable(self.path, self.encoding or "utf-8", e) from None
         except OSError as e:
             raise SpecError(f"Cannot read '{self.path}' ({e}).") from None
 
@@ -178,13 +248,20 @@ class CsvSource(_FileSource):
             names = reader.schema.names
             try:
                 self._num_rows = sum(b.num_rows for b in reader)
+            except UnicodeDecodeError as e:
+                raise _undecodable(self.path, self.encoding or "utf-8", e) from None
             except pa.ArrowInvalid as e:
                 m = _CSV_CONVERSION.search(str(e))
+                # Bad UTF-8 in a column typed string: widening cannot help (it would retry for ever).
+                error = _utf8_error(self.path) if "invalid UTF8" in str(e) else None
+                if error is not None:
+                    raise error from None
                 if not m:
                     raise SpecError(f"Cannot read '{self.path}' as CSV ({e}).") from None
                 name = names[int(m.group(1))]
                 types[name] = pa.float64() if m.group(2) == "int64" else pa.string()
                 continue
+            self._check_text(reader.schema)
             self._types = types
             self._schema = reader.schema
             return
@@ -247,24 +324,33 @@ class _Block:
 class JsonlSource(_FileSource):
     """A JSON Lines file, read in line-aligned blocks that pyarrow parses.
 
-    The first full pass counts the rows and unifies the types every block infers (new
-    fields, int → float), so every batch has the same schema.
+    The first full pass counts the rows, checks the text is UTF-8 (pyarrow's JSON reader
+    does not) and unifies the types every block infers (new fields, int → float), so every
+    batch has the same schema. With an encoding, the stream is transcoded to UTF-8 first.
     """
 
-    def __init__(self, path: Path):
-        super().__init__(path)
+    def __init__(self, path: Path, encoding: str | None = None):
+        super().__init__(path, encoding)
         self._schema: pa.Schema | None = None
         self._num_rows: int | None = None
         try:
-            with pa.input_stream(str(path), compression="detect") as f:
+            with self._stream() as f:
                 f.read(1)
         except OSError as e:
             raise SpecError(f"Cannot read '{path}' ({e}).") from None
+        except UnicodeDecodeError as e:
+            raise _undecodable(path, self.encoding or "utf-8", e) from None
+
+    def _stream(self) -> pa.NativeFile:
+        stream = pa.input_stream(str(self.path), compression="detect")
+        if self.encoding is None:
+            return stream
+        return pa.transcoding_input_stream(stream, self.encoding, "utf-8")
 
     def _blocks(self) -> Iterator[_Block]:
         line = 1
         rest = b""
-        with pa.input_stream(str(self.path), compression="detect") as f:
+        with self._stream() as f:
             while True:
                 chunk = f.read(_TEXT_BLOCK)
                 buf = rest + chunk
@@ -299,10 +385,28 @@ class JsonlSource(_FileSource):
                 f"each line must be one JSON object, or {_FORMAT_HINT}."
             ) from None
 
+    def _check_utf8(self, block: _Block) -> None:
+        try:
+            codecs.utf_8_decode(block.data, "strict", True)
+        except UnicodeDecodeError as e:
+            line = block.first_line + block.data.count(b"\n", 0, e.start)
+            raise SpecError(
+                f"Input file '{self.path}' is not valid UTF-8 at line {line} (byte 0x{block.data[e.start]:02x}); "
+                "pass --input-encoding latin-1 (or the file's encoding)."
+            ) from None
+
     def _scan(self) -> None:
+        try:
+            self._scan_blocks()
+        except UnicodeDecodeError as e:
+            raise _undecodable(self.path, self.encoding or "utf-8", e) from None
+
+    def _scan_blocks(self) -> None:
         fields: dict[str, pa.DataType] = {}
         rows = 0
         for block in self._blocks():
+            if self.encoding is None:
+                self._check_utf8(block)
             table = self._parse(block, None)
             rows += table.num_rows
             for f in table.schema:
@@ -479,8 +583,14 @@ def _frame_table(data: Any) -> pa.Table | None:
     return None
 
 
-def open_source(data: Any, *, format: str | None = None) -> Source:
-    """Open a file path (Parquet, CSV, TSV, JSONL; optionally compressed) or an in-memory frame as a Source."""
+def open_source(data: Any, *, format: str | None = None, encoding: str | None = None) -> Source:
+    """Open a file path (Parquet, CSV, TSV, JSONL; optionally compressed) or an in-memory frame as a Source.
+
+    `encoding` is the text encoding of a CSV or JSONL file (default UTF-8).
+    """
+    codec = _codec(encoding)
+    if codec is not None and not isinstance(data, (str, os.PathLike)):
+        raise SpecError("The input encoding applies to CSV and JSONL files only; drop --input-encoding.")
     if isinstance(data, pa.Table):
         return ArrowSource(data)
     if isinstance(data, Source):
@@ -499,10 +609,15 @@ def open_source(data: Any, *, format: str | None = None) -> Source:
             raise SpecError(f"Input file '{path}' is not readable; check its permissions.")
         fmt = _file_format(path, format)
         if fmt == "parquet":
+            if codec is not None:
+                raise SpecError(
+                    f"Input file '{path}' is Parquet, whose text is always UTF-8; the input encoding applies to"
+                    " CSV and JSONL files only, so drop --input-encoding."
+                )
             return ParquetSource(path)
         if fmt in ("csv", "tsv"):
-            return CsvSource(path, delimiter="\t" if fmt == "tsv" else ",")
-        return JsonlSource(path)
+            return CsvSource(path, delimiter="\t" if fmt == "tsv" else ",", encoding=codec)
+        return JsonlSource(path, encoding=codec)
     table = _frame_table(data)
     if table is not None:
         return ArrowSource(table)

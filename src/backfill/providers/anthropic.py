@@ -4,6 +4,7 @@ through one forced tool, and usage counted as input, output and cache reads."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import orjson
@@ -11,6 +12,7 @@ import orjson
 from backfill.errors import SpecError
 from backfill.providers.base import Provider, Reply
 from backfill.providers.headers import anthropic_rate
+from backfill.providers.structured import StructuredMode
 from backfill.request import Outcome, OutcomeKind, RateLimitInfo, Request, Usage
 
 ANTHROPIC_VERSION = "2023-06-01"
@@ -87,6 +89,11 @@ class AnthropicProvider(Provider):
     name = "anthropic"
     default_base_url = "https://api.anthropic.com"
     protocol_headers: ClassVar[Mapping[str, str]] = {"anthropic-version": ANTHROPIC_VERSION}
+    key_env = "ANTHROPIC_API_KEY"
+    cloud_hosts = ("api.anthropic.com",)
+    supports_embeddings = False
+    default_params: ClassVar[Mapping[str, Any]] = MappingProxyType({"max_tokens": DEFAULT_MAX_TOKENS})  # required
+    structured_modes: ClassVar[tuple[StructuredMode, ...]] = (StructuredMode.TOOL,)
 
     def _auth_headers(self, api_key: str) -> dict[str, str]:
         return {"x-api-key": api_key}
@@ -98,15 +105,19 @@ class AnthropicProvider(Provider):
     async def complete(self, request: Request) -> Outcome:
         reply = await self._post(f"{self.base_url}/v1/messages", messages_body(request))
         if isinstance(reply, Outcome):
-            return reply
-        if 200 <= reply.status < 300:
-            outcome = self._message_outcome(reply, request.schema_name if request.schema is not None else None)
+            outcome = reply
         else:
-            outcome = self._failure(reply, request.model)
-        outcome.rate = anthropic_rate(reply.headers)
+            if 200 <= reply.status < 300:
+                outcome = self._message_outcome(reply, request.schema_name if request.schema is not None else None)
+            else:
+                outcome = self._failure(reply, request.model)
+            outcome.rate = anthropic_rate(reply.headers)
+        if request.schema is not None:
+            outcome.structured_mode = StructuredMode.TOOL.value
         return self._no_wait_cures(outcome, request)
 
     async def embed(self, requests: list[Request]) -> Outcome:
+        # The plan refuses embedding jobs for adapters without supports_embeddings; this is the backstop.
         raise SpecError("Anthropic has no embeddings endpoint; run embedding jobs with an OpenAI-compatible provider.")
 
     def _oversized(self, rate: RateLimitInfo, request: Request) -> str | None:

@@ -7,8 +7,9 @@ import abc
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Self
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -16,6 +17,7 @@ from yarl import URL
 
 from backfill.errors import SpecError
 from backfill.providers.headers import parse_retry_after
+from backfill.providers.structured import ModeState, StructuredMode
 from backfill.request import Outcome, OutcomeKind, RateLimitInfo, Request
 
 # Transient by nature: timeouts, conflicts, server errors, Anthropic's 529 "overloaded".
@@ -75,14 +77,63 @@ def error_fields(body: bytes) -> ErrorFields:
     )
 
 
+def _host(url: str) -> str:
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
+def without_userinfo(url: str) -> str:
+    """A URL fit for an error message: credentials in `user:pass@` are dropped."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "the configured base URL"
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 class Provider(abc.ABC):
-    """One wire protocol. Builds the HTTP request, reads usage and rate-limit headers, classifies failures."""
+    """One wire protocol. Builds the HTTP request, reads usage and rate-limit headers, classifies failures.
+
+    Its class carries the facts the engine plans with, so the engine never compares provider names:
+    the key variable and whether a key or a price is needed, embeddings, default parameters, and the
+    structured-output modes it can fall back through."""
 
     name: ClassVar[str]
     default_base_url: ClassVar[str | None] = None
     max_embedding_inputs: ClassVar[int] = 2048  # per-request limits for packing rows into one embedding call
     max_embedding_tokens: ClassVar[int] = 300_000
     protocol_headers: ClassVar[Mapping[str, str]] = {}
+    key_env: ClassVar[str | None] = None  # the environment variable the key is read from by default
+    needs_key: ClassVar[bool] = True  # at the provider's own cloud; see needs_key_for
+    # Host names (or, starting with a dot, domain suffixes) of the provider's own cloud: there a key
+    # and a known price are needed; a base URL elsewhere is a compatible server that may need neither.
+    cloud_hosts: ClassVar[tuple[str, ...]] = ()
+    supports_embeddings: ClassVar[bool] = True
+    default_params: ClassVar[Mapping[str, Any]] = MappingProxyType({})  # what a request carries unless the job sets it
+    structured_modes: ClassVar[tuple[StructuredMode, ...]] = ()  # first is the default; empty: takes no schema
+    starts_simulator: ClassVar[bool] = False  # without a base URL, open_provider starts the built-in simulator
+
+    @classmethod
+    def on_cloud(cls, base_url: str | None) -> bool:
+        """Whether requests go to the provider's own cloud (no base URL, or one on its hosts)."""
+        if base_url is None:
+            return True
+        host = _host(base_url)
+        return any(host.endswith(h) if h.startswith(".") else host == h for h in cls.cloud_hosts)
+
+    @classmethod
+    def needs_key_for(cls, base_url: str | None) -> bool:
+        """Whether a job at `base_url` must have an API key (else it runs without one if none is set)."""
+        return cls.needs_key
+
+    @classmethod
+    def needs_price(cls, base_url: str | None) -> bool:
+        """Whether a job at `base_url` needs a known model price: a cloud API bills; a server elsewhere may not."""
+        return cls.on_cloud(base_url)
 
     def __init__(
         self,
@@ -103,6 +154,7 @@ class Provider(abc.ABC):
         auth = self._auth_headers(self._api_key) if self._api_key else {}
         self._headers = {"Content-Type": "application/json", **self.protocol_headers, **auth, **(headers or {})}
         self._session: aiohttp.ClientSession | None = None
+        self._modes = ModeState(self.structured_modes)
         # Parsed once per endpoint: aiohttp would parse the string again for every request.
         self._urls: dict[str, URL] = {}
 
@@ -130,6 +182,15 @@ class Provider(abc.ABC):
     def refunds_output_tokens(self) -> bool:
         """Whether the provider corrects its max_tokens reservation to the actual output."""
         return False
+
+    @property
+    def structured_mode(self) -> StructuredMode | None:
+        """The mode schema requests go out in now; it moves on when the server refuses one."""
+        return self._modes.current
+
+    def use_structured_mode(self, mode: StructuredMode | str) -> None:
+        """Send schema requests in `mode` from now on (one remembered for this endpoint and model)."""
+        self._modes.restore(mode)
 
     async def open(self) -> None:
         self._ensure_session()

@@ -26,6 +26,7 @@ from backfill.server.logs import log
 from backfill.server.metrics import LaneCounters, MeteredLimiter, Metrics
 from backfill.server.webhooks import Webhooks
 from backfill.spec import build_spec
+from backfill.status import JobStatus, StopCause
 from backfill.store import Store
 
 SERIES_EVERY_S = 1.0
@@ -98,9 +99,10 @@ class RunningJob:
     def _stop_runner(self) -> None:
         assert self.runner is not None
         if self.stop_as == "cancel":
-            self.runner.stop("cancelled", self.stop_reason or "cancelled", hard=True)
+            self.runner.stop(JobStatus.CANCELLED, self.stop_reason or "cancelled", cause=StopCause.CANCEL, hard=True)
         else:
-            self.runner.stop("paused", self.stop_reason or "paused")
+            cause = {"quota": StopCause.QUOTA, "shutdown": StopCause.SHUTDOWN}.get(self.stop_as or "", StopCause.PAUSE)
+            self.runner.stop(JobStatus.PAUSED, self.stop_reason or "paused", cause=cause)
 
 
 def lane_key(lane_id: str) -> str:
@@ -228,6 +230,7 @@ class Scheduler:
         if record is not None:
             rj.last_cost, rj.last_ok, rj.last_failed = record.spent_usd, record.rows_ok, record.rows_failed
         event: str | None = None
+        cause: StopCause | None = None
         try:
             spec = build_spec(job.spec)
             result: RunResult = await run_job(
@@ -237,7 +240,7 @@ class Scheduler:
                 api_key=self._api_key(job),
                 limiter_for=lambda lane_id, limits: self._limiter_for(rj, lane_id, limits),
             )
-            status, reason = result.status, result.reason
+            status, reason, cause = result.status, result.reason, result.cause
         except BudgetExceeded as e:
             status, reason, event = "failed", str(e), "budget_stopped"
         except BackfillError as e:
@@ -254,10 +257,10 @@ class Scheduler:
             self._finished_series[job.id] = rj.series
             while len(self._finished_series) > KEEP_FINISHED_SERIES:
                 self._finished_series.popitem(last=False)
-        self._settle(rj, status, reason, event)
+        self._settle(rj, status, reason, event, cause)
         self.wake()
 
-    def _settle(self, rj: RunningJob, status: str, reason: str | None, event: str | None) -> None:
+    def _settle(self, rj: RunningJob, status: str, reason: str | None, event: str | None, cause: StopCause | None = None) -> None:
         """Record how a run ended in the server's terms, and notify."""
         job = rj.job
         if status == "paused":
@@ -265,7 +268,7 @@ class Scheduler:
                 status, reason = "queued", "resumes when the server restarts"
             elif rj.stop_as == "quota":
                 status, reason = "queued", rj.stop_reason
-            elif (reason or "").startswith("stopped: budget"):
+            elif cause is StopCause.BUDGET:
                 event = "budget_stopped"
         if status in ("succeeded", "failed", "cancelled") and event is None:
             event = status

@@ -2,7 +2,7 @@
 latency, faults and deterministic answers — for tests, benchmarks, the quickstart and rehearsals."""
 
 from backfill.sim.answers import Answer, Lengths, chat_answer, embedding_vector, messages_answer, request_hash
-from backfill.sim.config import Faults, KeyLimits, ModelInfo, Outage, SimConfig, default_models
+from backfill.sim.config import Faults, KeyLimits, ModelInfo, Outage, SimConfig, builtin_sim_config, default_models
 from backfill.sim.log import LogEntry, RequestLog, WindowCount, read_jsonl
 from backfill.sim.server import Simulator
 
@@ -18,6 +18,7 @@ __all__ = [
     "SimConfig",
     "Simulator",
     "WindowCount",
+    "builtin_sim_config",
     "chat_answer",
     "default_models",
     "embedding_vector",

@@ -6,7 +6,10 @@ parameters, schema) — never shared random state, so a test can recompute any a
 A text answer starts with `Answer to «<first 8 words of the last user message>»` followed by filler
 words up to a lognormal length capped by max_tokens. A schema answer is a JSON object valid against
 the schema, its strings taken from the last user message and its enums, numbers and booleans picked
-by the seed (`pattern` is not honoured).
+by the seed (`pattern` is not honoured). The schema comes from `response_format` (`json_schema`, or
+`json_object` with a `schema`), a forced tool, or — for `json_object` without one and for requests
+without `response_format` — a system message whose first `{` starts a JSON object with `properties`,
+as a model follows a schema written into its prompt.
 """
 
 from __future__ import annotations
@@ -111,12 +114,42 @@ def chat_answer(body: dict[str, Any], lengths: Lengths = Lengths(), digest: byte
         name, schema = tool
         return _json_answer(schema_value(schema, rng, words), model, max_tokens, tool_name=name)
     fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema") or {}
         return _json_answer(schema_value(schema, rng, words), model, max_tokens)
-    if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return _json_answer({"answer": f"Answer to «{words}»"}, model, max_tokens)
+    if kind == "json_object":
+        given = fmt.get("schema")
+        schema = given if isinstance(given, dict) else prompted_schema(body.get("messages") or [])
+        value = {"answer": f"Answer to «{words}»"} if schema is None else schema_value(schema, rng, words)
+        return _json_answer(value, model, max_tokens)
+    if fmt is None:
+        schema = prompted_schema(body.get("messages") or [])
+        if schema is not None:
+            return _json_answer(schema_value(schema, rng, words), model, max_tokens)
     return _text_answer(words, rng, model, max_tokens, lengths)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def prompted_schema(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A JSON Schema written into a system message: the JSON object its first `{` starts, if that
+    object has `properties`. Deliberately simple, so a test can tell what the answer follows."""
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") != "system":
+            continue
+        text = content_text(message.get("content"))
+        start = text.find("{")
+        if start < 0:
+            continue
+        try:
+            value, _ = _DECODER.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(value, dict) and isinstance(value.get("properties"), dict):
+            return value
+    return None
 
 
 def messages_answer(body: dict[str, Any], lengths: Lengths = Lengths(), digest: bytes | None = None) -> Answer:

@@ -59,6 +59,14 @@ def sim_command(
     outage: Annotated[
         list[str] | None, typer.Option(help="Refuse every request with STATUS from START to END seconds after start, written like 30:40:429 (repeatable).")
     ] = None,
+    reject_json_schema: Annotated[
+        int | None,
+        typer.Option(help="Refuse response_format json_schema with this status (400, 422 or 500), as servers without it do."),
+    ] = None,
+    reject_json_object: Annotated[
+        int | None,
+        typer.Option(help="Refuse response_format json_object (with or without a schema) with this status (400, 422 or 500)."),
+    ] = None,
     models: Annotated[
         str | None, typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.")
     ] = None,
@@ -78,6 +86,8 @@ def sim_command(
             ttft_s=ttft,
             output_tokens_mean=output_tokens,
             max_concurrency=max_concurrency,
+            reject_json_schema=reject_json_schema,
+            reject_json_object=reject_json_object,
             faults=Faults(
                 error_500=error_rate_500,
                 error_503=error_rate_503,

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Literal
 
 ModelKind = Literal["chat", "embedding"]
+# The statuses servers refuse an unsupported response_format with: OpenAI-style 400, FastAPI's 422,
+# and 500 from servers that fail inside validation.
+REJECT_STATUSES = (400, 422, 500)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +124,9 @@ class SimConfig:
     output_tokens_mean, output_tokens_sigma: lognormal length of text answers, capped by max_tokens.
     max_concurrency: requests served at once; the rest queue (like a self-hosted server). None = no cap.
     default_max_tokens: what an OpenAI request without max_tokens is charged for its output.
+    reject_json_schema, reject_json_object: answer a chat request whose `response_format.type` is
+        `json_schema` (resp. `json_object`, with or without a schema) with this status (400, 422 or
+        500) and the error body such servers send, as servers without that mode do. None = accept it.
     log_path: append every request to this JSONL file. log_in_memory: also keep entries in `sim.log`
         (turn off for long rehearsals; a million entries take a few hundred MB).
     """
@@ -136,6 +142,8 @@ class SimConfig:
     output_tokens_sigma: float = 0.5
     max_concurrency: int | None = None
     default_max_tokens: int = 4096
+    reject_json_schema: int | None = None
+    reject_json_object: int | None = None
     faults: Faults = field(default_factory=Faults)
     outages: list[Outage] = field(default_factory=list)
     embedding_dim: int = 64
@@ -152,3 +160,13 @@ class SimConfig:
             raise ValueError("max_concurrency must be at least 1, or None for no cap.")
         if self.ttft_s > self.latency_s and self.latency_s > 0:
             raise ValueError("ttft_s is part of latency_s, so it cannot be larger; raise latency_s or lower ttft_s.")
+        for status in (self.reject_json_schema, self.reject_json_object):
+            if status is not None and status not in REJECT_STATUSES:
+                raise ValueError(f"A response_format is rejected with 400, 422 or 500, not {status}; pick one of those.")
+
+
+def builtin_sim_config() -> SimConfig:
+    """The simulator the quickstart runs on: limits like a modest paid tier, short latency."""
+    return SimConfig(
+        default_limits=KeyLimits(rpm=3000, tpm=2_000_000), latency_s=0.3, latency_sigma=0.3, log_in_memory=False
+    )

@@ -4,8 +4,8 @@
 background thread with its own loop for synchronous callers (`with Simulator(cfg) as sim`, or
 `start_in_thread()` / `stop()`).
 
-A request meets, in order: its JSON body (400), its key (401), its model (404), validation and the
-context window (400), a scheduled outage, an exhausted quota, the rate limits (429), then one fault
+A request meets, in order: its JSON body (400), its key (401), its model (404), validation (400; a
+`response_format` type the config rejects gets 400, 422 or 500), the context window (400), a scheduled outage, an exhausted quota, the rate limits (429), then one fault
 draw. A faulted request still counts against the limits. Responses on a lane with limits (key and
 model known) carry the rate-limit headers; 401, 404 and unparseable bodies do not, as at the
 providers. Streaming is not simulated (400).
@@ -85,6 +85,46 @@ def _anthropic_error(status: int, type_: str, message: str, headers: dict[str, s
     return web.Response(body=_dumps(body), status=status, headers=headers, content_type=_JSON)
 
 
+_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def _format_rejection(status: int, kind: str, accepted: list[str]) -> web.Response:
+    """The body a server without a response_format type sends: OpenAI's 400, FastAPI's 422 (vLLM and
+    many proxies validate with pydantic), or a 500 from a server that fails inside validation."""
+    if status == 422:
+        expected = " or ".join(repr(t) for t in accepted)
+        body: dict[str, Any] = {
+            "detail": [
+                {
+                    "type": "literal_error",
+                    "loc": ["body", "response_format", "type"],
+                    "msg": f"Input should be {expected}",
+                    "input": kind,
+                    "ctx": {"expected": expected},
+                }
+            ]
+        }
+    elif status == 500:
+        body = {
+            "error": {
+                "message": f"Internal error while preparing the response_format: type '{kind}' is not supported.",
+                "type": "server_error",
+                "param": "response_format",
+                "code": None,
+            }
+        }
+    else:
+        body = {
+            "error": {
+                "message": f"Invalid parameter: 'response_format' of type '{kind}' is not supported with this model.",
+                "type": "invalid_request_error",
+                "param": "response_format",
+                "code": None,
+            }
+        }
+    return web.Response(body=_dumps(body), status=status, content_type=_JSON)
+
+
 def _retry_headers(seconds: float) -> dict[str, str]:
     return {"retry-after": str(max(1, math.ceil(seconds))), "retry-after-ms": str(max(1, math.ceil(seconds * 1000)))}
 
@@ -103,6 +143,14 @@ class Simulator:
         busy = max(0.0, self.config.latency_s - self.config.ttft_s)
         self._per_token_s = busy / self.config.output_tokens_mean if self.config.output_tokens_mean > 0 else 0.0
         self._lanes: dict[tuple[str, str], Lane] = {}
+        self._rejected_formats = {
+            kind: status
+            for kind, status in (
+                ("json_schema", self.config.reject_json_schema),
+                ("json_object", self.config.reject_json_object),
+            )
+            if status is not None
+        }
         self._fingerprints: dict[str, str] = {}
         self._ids = itertools.count(1)
         self._t0 = time.monotonic()
@@ -448,6 +496,8 @@ class Simulator:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise _Reply(self._bad_request("max_tokens must be a positive integer.", False, "max_tokens"))
+        if self._rejected_formats:
+            self._check_response_format(body.get("response_format"))
         now = time.monotonic()
         entry.t = now - self._t0
         digest = request_digest(body)
@@ -498,6 +548,13 @@ class Simulator:
         headers = lane.openai_headers(time.monotonic())
         headers["x-request-id"] = self._request_id("req_")
         return self._finish(payload, fault, headers)
+
+    def _check_response_format(self, fmt: Any) -> None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        status = self._rejected_formats.get(kind) if isinstance(kind, str) else None
+        if status is not None:
+            accepted = [t for t in _FORMAT_TYPES if t not in self._rejected_formats]
+            raise _Reply(_format_rejection(status, kind, accepted), "response_format")
 
     def _openai_message(self, answer: Answer) -> dict[str, Any]:
         if answer.tool_name is None:

@@ -1,8 +1,11 @@
-"""SQLite ledger: one file (WAL mode) holding jobs, chunks, dead letters, events and the response cache.
+"""SQLite ledger: one file (WAL mode) holding jobs, chunks, dead letters, events, leases and the response cache.
 
 Responses are cached the moment they arrive: writes queued during one event-loop tick
 are committed together at the end of that tick, so a crash loses at most what was
-still in flight, while thousands of answers a second cost one commit per tick.
+still in flight, while thousands of answers a second cost one commit per tick. A
+commit that fails (disk full, read-only file) keeps the queued rows and raises
+StoreError, from the tick's flush into `Store.failed` and from there into the next
+call that writes.
 """
 
 from __future__ import annotations
@@ -11,67 +14,16 @@ import asyncio
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    owner TEXT NOT NULL,
-    status TEXT NOT NULL,
-    reason TEXT,
-    spec TEXT NOT NULL,
-    input_fingerprint TEXT NOT NULL,
-    rows_total INTEGER,
-    chunks_total INTEGER,
-    rows_ok INTEGER NOT NULL DEFAULT 0,
-    rows_failed INTEGER NOT NULL DEFAULT 0,
-    spent_usd REAL NOT NULL DEFAULT 0,
-    input_tokens INTEGER NOT NULL DEFAULT 0,
-    output_tokens INTEGER NOT NULL DEFAULT 0,
-    requests INTEGER NOT NULL DEFAULT 0,
-    rate_limited INTEGER NOT NULL DEFAULT 0,
-    requested TEXT,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS chunks (
-    job_id TEXT NOT NULL,
-    chunk_index INTEGER NOT NULL,
-    rows_ok INTEGER NOT NULL,
-    rows_failed INTEGER NOT NULL,
-    done REAL NOT NULL,
-    PRIMARY KEY (job_id, chunk_index)
-);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    job_id TEXT NOT NULL,
-    row_id TEXT NOT NULL,
-    chunk_index INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    raw TEXT,
-    PRIMARY KEY (job_id, row_id)
-);
-CREATE TABLE IF NOT EXISTS events (
-    job_id TEXT NOT NULL,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,
-    message TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_job ON events (job_id, at);
-CREATE TABLE IF NOT EXISTS cache (
-    request_key TEXT PRIMARY KEY,
-    text TEXT,
-    embedding BLOB,
-    input_tokens INTEGER NOT NULL,
-    output_tokens INTEGER NOT NULL,
-    cached_tokens INTEGER NOT NULL,
-    cost_usd REAL NOT NULL,
-    created REAL NOT NULL
-);
-"""
+from backfill.status import JobStatus, StopCause
+from backfill.store.errors import StoreError
+from backfill.store.migrate import migrate
 
 
 @dataclass(slots=True)
@@ -98,7 +50,7 @@ class DeadLetter:
 class JobRecord:
     id: str
     owner: str
-    status: str
+    status: JobStatus
     reason: str | None
     spec: dict[str, Any]
     input_fingerprint: str
@@ -114,16 +66,32 @@ class JobRecord:
     requested: str | None
     created: float
     updated: float
+    stop_cause: StopCause | None
+    lease_holder: str | None  # e.g. "12345@hostA"; None when no process runs the job
+    lease_until: float | None  # epoch seconds; a lease past this may be taken over
+    answers: int  # billed answers (cached or not): output_tokens / answers is the mean answer length
 
     @property
     def rows_done(self) -> int:
         return self.rows_ok + self.rows_failed
 
 
-# Named, not `*`: columns added by ALTER TABLE come last in an older ledger.
+# Named, not `*`: columns added by ALTER TABLE come last in a migrated ledger.
 _JOB_COLUMNS = ", ".join(f.name for f in fields(JobRecord))
-# Job columns added after the first release, with their defaults (0).
-_ADDED_JOB_COLUMNS = ("requests", "rate_limited")
+_CACHE_INSERT = (
+    "INSERT OR IGNORE INTO cache (scope, request_key, job_id, text, embedding, input_tokens, output_tokens,"
+    " cached_tokens, cost_usd, created) VALUES (?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+@dataclass(slots=True)
+class _Spend:
+    """What one job paid during one tick, waiting for the tick's commit."""
+
+    usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    answers: int = 0
 
 
 def _pack(vector: list[float] | None) -> bytes | None:
@@ -141,32 +109,37 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._add_new_columns()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            migrate(self._db, self.path)
+        except BaseException:
+            self._db.close()
+            raise
         self._pending: list[tuple[Any, ...]] = []
-        self._pending_spend: dict[str, list[float]] = {}
+        self._pending_spend: dict[str, _Spend] = {}
         self._flush_scheduled = False
-
-    def _add_new_columns(self) -> None:
-        """A ledger written by an earlier version lacks the columns added since; add them (with their defaults)."""
-        have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
-        for column in _ADDED_JOB_COLUMNS:
-            if column not in have:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        # The error of the last failed commit, kept until a commit succeeds; see flush().
+        self.failed: StoreError | None = None
 
     def close(self) -> None:
-        self.flush()
-        self._db.close()
+        try:
+            self.flush()
+        finally:
+            self._db.close()
 
     # --- the response cache -------------------------------------------------
 
-    def put_response(self, job_id: str, request_key: str, response: CachedResponse) -> None:
-        """Record an answer (and what the job paid for it); committed at the end of this loop tick."""
+    def put_response(self, job_id: str, request_key: str, response: CachedResponse, *, scope: str = "") -> None:
+        """Record an answer in `scope`'s cache and what `job_id` paid for it; committed at the end of this loop tick.
+
+        Raises the last commit's StoreError while the ledger cannot be written (the answer stays queued).
+        """
         self._pending.append(
             (
+                scope,
                 request_key,
+                job_id,
                 response.text,
                 _pack(response.embedding),
                 response.input_tokens,
@@ -176,34 +149,67 @@ class Store:
                 time.time(),
             )
         )
-        spend = self._pending_spend.setdefault(job_id, [0.0, 0, 0])
-        spend[0] += response.cost_usd
-        spend[1] += response.input_tokens
-        spend[2] += response.output_tokens
+        self._queue_spend(job_id, response.cost_usd, response.input_tokens, response.output_tokens)
+
+    def add_spend(self, job_id: str, cost_usd: float, input_tokens: int, output_tokens: int) -> None:
+        """Count a billed answer that is not cached (invalid, refused, truncated) in the job's spend; same commit as put_response."""
+        self._queue_spend(job_id, cost_usd, input_tokens, output_tokens)
+
+    def _queue_spend(self, job_id: str, cost_usd: float, input_tokens: int, output_tokens: int) -> None:
+        spend = self._pending_spend.get(job_id)
+        if spend is None:
+            spend = self._pending_spend[job_id] = _Spend()
+        spend.usd += cost_usd
+        spend.input_tokens += input_tokens
+        spend.output_tokens += output_tokens
+        spend.answers += 1
+        if self.failed is not None:
+            raise self.failed
         if not self._flush_scheduled:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_soon(self._flush_soon)
                 self._flush_scheduled = True
             except RuntimeError:
                 self.flush()
 
+    def _flush_soon(self) -> None:
+        # Called by the event loop, where a raise would only reach the loop's exception
+        # handler: the error waits in self.failed for the next put_response/flush/mark_chunk_done.
+        try:
+            self.flush()
+        except StoreError:
+            pass
+
     def flush(self) -> None:
+        """Commit the queued answers and spend in one transaction.
+
+        On failure the queue is kept, `self.failed` is set and StoreError raised; the next
+        flush tries again (and clears `self.failed` when it succeeds), so nothing billed is dropped.
+        """
         self._flush_scheduled = False
         if not self._pending and not self._pending_spend:
+            self.failed = None
             return
-        rows, self._pending = self._pending, []
-        spend, self._pending_spend = self._pending_spend, {}
-        with self._transaction():
-            self._db.executemany("INSERT OR IGNORE INTO cache VALUES (?,?,?,?,?,?,?,?)", rows)
-            for job_id, (usd, tin, tout) in spend.items():
-                self._db.execute(
-                    "UPDATE jobs SET spent_usd = spent_usd + ?, input_tokens = input_tokens + ?,"
-                    " output_tokens = output_tokens + ?, updated = ? WHERE id = ?",
-                    (usd, tin, tout, time.time(), job_id),
-                )
+        now = time.time()
+        try:
+            with self._transaction():
+                self._db.executemany(_CACHE_INSERT, self._pending)
+                for job_id, s in self._pending_spend.items():
+                    self._db.execute(
+                        "UPDATE jobs SET spent_usd = spent_usd + ?, input_tokens = input_tokens + ?,"
+                        " output_tokens = output_tokens + ?, answers = answers + ?, updated = ? WHERE id = ?",
+                        (s.usd, s.input_tokens, s.output_tokens, s.answers, now, job_id),
+                    )
+        except StoreError as e:
+            self.failed = e
+            raise
+        # Cleared only after the commit: a failed one keeps every row for the next try.
+        self._pending = []
+        self._pending_spend = {}
+        self.failed = None
 
-    def get_responses(self, keys: Iterable[str]) -> dict[str, CachedResponse]:
-        """The cached answers among `keys`."""
+    def get_responses(self, keys: Iterable[str], *, scope: str = "") -> dict[str, CachedResponse]:
+        """The answers cached in `scope` among `keys`."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, CachedResponse] = {}
         for i in range(0, len(keys), 500):
@@ -211,50 +217,94 @@ class Store:
             marks = ",".join("?" * len(part))
             for row in self._db.execute(
                 f"SELECT request_key, text, embedding, input_tokens, output_tokens, cached_tokens, cost_usd"
-                f" FROM cache WHERE request_key IN ({marks})",
-                part,
+                f" FROM cache WHERE scope = ? AND request_key IN ({marks})",
+                [scope, *part],
             ):
                 found[row[0]] = CachedResponse(row[1], _unpack(row[2]), row[3], row[4], row[5], row[6])
         return found
+
+    def clear_cache(self, *, older_than_s: float | None = None, job_id: str | None = None, scope: str | None = None) -> int:
+        """Delete the cached answers matching every filter given (all of them when none is) and return how many."""
+        self.flush()
+        where: list[str] = []
+        params: list[Any] = []
+        if older_than_s is not None:
+            where.append("created < ?")
+            params.append(time.time() - older_than_s)
+        if job_id is not None:
+            where.append("job_id = ?")
+            params.append(job_id)
+        if scope is not None:
+            where.append("scope = ?")
+            params.append(scope)
+        sql = "DELETE FROM cache" + (" WHERE " + " AND ".join(where) if where else "")
+        return self._write(sql, params).rowcount
+
+    # --- structured-output modes ----------------------------------------------
+
+    def get_structured_mode(self, endpoint: str, model: str) -> str | None:
+        """The structured-output mode learned for this endpoint and model, if any."""
+        row = self._db.execute(
+            "SELECT mode FROM structured_modes WHERE endpoint = ? AND model = ?", (endpoint, model)
+        ).fetchone()
+        return row[0] if row else None
+
+    def set_structured_mode(self, endpoint: str, model: str, mode: str) -> None:
+        self._write(
+            "INSERT INTO structured_modes (endpoint, model, mode, updated) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(endpoint, model) DO UPDATE SET mode = excluded.mode, updated = excluded.updated",
+            (endpoint, model, mode, time.time()),
+        )
 
     # --- jobs ----------------------------------------------------------------
 
     def upsert_job(self, job_id: str, *, owner: str, spec: dict[str, Any], input_fingerprint: str) -> JobRecord:
         """Create the job if it is new; an existing job keeps its ledger (that is what resuming means)."""
         now = time.time()
-        self._db.execute(
+        self._write(
             "INSERT INTO jobs (id, owner, status, spec, input_fingerprint, created, updated)"
-            " VALUES (?, ?, 'queued', ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET spec = excluded.spec, updated = excluded.updated",
-            (job_id, owner, json.dumps(spec), input_fingerprint, now, now),
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET spec = excluded.spec, updated = excluded.updated",
+            (job_id, owner, JobStatus.QUEUED.value, json.dumps(spec), input_fingerprint, now, now),
         )
         job = self.get_job(job_id)
         assert job is not None
         return job
 
-    def set_status(self, job_id: str, status: str, reason: str | None = None) -> None:
-        self.flush()
-        self._db.execute(
-            "UPDATE jobs SET status = ?, reason = ?, requested = NULL, updated = ? WHERE id = ?",
-            (status, reason, time.time(), job_id),
+    def set_status(
+        self, job_id: str, status: JobStatus | str, reason: str | None = None, cause: StopCause | None = None
+    ) -> None:
+        """Record the job's status and, when it stopped, why (cause NULL when not given).
+
+        The status is written even when queued answers cannot be (so a job failed by a full
+        disk can say so); their error stays in `self.failed`.
+        """
+        status = JobStatus(status)
+        try:
+            self.flush()
+        except StoreError:
+            pass
+        self._write(
+            "UPDATE jobs SET status = ?, reason = ?, stop_cause = ?, requested = NULL, updated = ? WHERE id = ?",
+            (status.value, reason, None if cause is None else StopCause(cause).value, time.time(), job_id),
         )
-        self.add_event(job_id, status, reason or status)
+        self.add_event(job_id, status.value, reason or status.value)
 
     def set_totals(self, job_id: str, rows_total: int | None, chunks_total: int | None) -> None:
-        self._db.execute(
+        self._write(
             "UPDATE jobs SET rows_total = ?, chunks_total = ?, updated = ? WHERE id = ?",
             (rows_total, chunks_total, time.time(), job_id),
         )
 
     def add_request_counts(self, job_id: str, requests: int, rate_limited: int) -> None:
         """Add one run's request and 429 counts to the job's totals."""
-        self._db.execute(
+        self._write(
             "UPDATE jobs SET requests = requests + ?, rate_limited = rate_limited + ? WHERE id = ?",
             (requests, rate_limited, job_id),
         )
 
     def request(self, job_id: str, action: str) -> None:
         """Ask the process running the job to stop ('cancel' or 'pause'); it polls for this."""
-        self._db.execute("UPDATE jobs SET requested = ?, updated = ? WHERE id = ?", (action, time.time(), job_id))
+        self._write("UPDATE jobs SET requested = ?, updated = ? WHERE id = ?", (action, time.time(), job_id))
 
     def requested(self, job_id: str) -> str | None:
         row = self._db.execute("SELECT requested FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -279,18 +329,62 @@ class Store:
 
     @staticmethod
     def _job(row: tuple[Any, ...]) -> JobRecord:
-        values = list(row)
-        values[4] = json.loads(values[4])
-        return JobRecord(*values)
+        job = JobRecord(*row)
+        job.spec = json.loads(row[4])
+        job.status = JobStatus(job.status)
+        job.stop_cause = None if job.stop_cause is None else StopCause(job.stop_cause)
+        return job
+
+    # --- the job lease (one runner per job) -------------------------------------
+
+    def try_lease(self, job_id: str, holder: str, ttl_s: float = 30.0, *, take_over: str | None = None) -> str | None:
+        """Take the job's lease for `ttl_s` if it is free, expired, already ours or held by `take_over`
+        (a holder known to be dead): None when taken, else who holds it."""
+        now = time.time()
+        with self._transaction():
+            taken = self._db.execute(
+                "UPDATE jobs SET lease_holder = ?, lease_until = ? WHERE id = ?"
+                " AND (lease_holder IS NULL OR lease_holder = ? OR lease_holder = ? OR lease_until IS NULL OR lease_until < ?)",
+                (holder, now + ttl_s, job_id, holder, take_over, now),
+            ).rowcount
+            row = None if taken else self._db.execute("SELECT lease_holder FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if taken:
+            return None
+        if row is None:
+            raise StoreError(f"There is no job {job_id} in the ledger at {self.path}; create it before leasing it.")
+        return row[0]
+
+    def heartbeat(self, job_id: str, holder: str, ttl_s: float = 30.0) -> bool:
+        """Extend our lease by `ttl_s` from now; False when it is no longer ours (another process took it over)."""
+        cursor = self._write(
+            "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_holder = ?", (time.time() + ttl_s, job_id, holder)
+        )
+        return cursor.rowcount == 1
+
+    def release_lease(self, job_id: str, holder: str) -> None:
+        """Give the lease up, if it is still ours."""
+        self._write(
+            "UPDATE jobs SET lease_holder = NULL, lease_until = NULL WHERE id = ? AND lease_holder = ?", (job_id, holder)
+        )
 
     # --- chunks and dead letters --------------------------------------------
 
     def done_chunks(self, job_id: str) -> set[int]:
         return {r[0] for r in self._db.execute("SELECT chunk_index FROM chunks WHERE job_id = ?", (job_id,))}
 
-    def mark_chunk_done(self, job_id: str, chunk_index: int, rows_ok: int, dead_letters: list[DeadLetter]) -> None:
-        """Record a chunk whose rows are in the sink, with its dead letters, in one transaction."""
+    def mark_chunk_done(
+        self,
+        job_id: str,
+        chunk_index: int,
+        rows_ok: int,
+        dead_letters: list[DeadLetter],
+        *,
+        requests: int = 0,
+        rate_limited: int = 0,
+    ) -> None:
+        """Record a chunk whose rows are in the sink, with its dead letters and the request counts since the last one, in one transaction."""
         self.flush()
+        now = time.time()
         with self._transaction():
             prev = self._db.execute(
                 "SELECT rows_ok, rows_failed FROM chunks WHERE job_id = ? AND chunk_index = ?", (job_id, chunk_index)
@@ -303,11 +397,12 @@ class Store:
             )
             self._db.execute(
                 "INSERT OR REPLACE INTO chunks VALUES (?, ?, ?, ?, ?)",
-                (job_id, chunk_index, rows_ok, len(dead_letters), time.time()),
+                (job_id, chunk_index, rows_ok, len(dead_letters), now),
             )
             self._db.execute(
-                "UPDATE jobs SET rows_ok = rows_ok + ?, rows_failed = rows_failed + ?, updated = ? WHERE id = ?",
-                (d_ok, d_failed, time.time(), job_id),
+                "UPDATE jobs SET rows_ok = rows_ok + ?, rows_failed = rows_failed + ?, requests = requests + ?,"
+                " rate_limited = rate_limited + ?, updated = ? WHERE id = ?",
+                (d_ok, d_failed, requests, rate_limited, now, job_id),
             )
 
     def dead_letters(self, job_id: str, limit: int | None = None) -> list[DeadLetter]:
@@ -321,24 +416,37 @@ class Store:
     # --- events --------------------------------------------------------------
 
     def add_event(self, job_id: str, kind: str, message: str) -> None:
-        self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?)", (job_id, time.time(), kind, message))
+        self._write("INSERT INTO events VALUES (?, ?, ?, ?)", (job_id, time.time(), kind, message))
 
     def events(self, job_id: str) -> list[tuple[float, str, str]]:
         return list(self._db.execute("SELECT at, kind, message FROM events WHERE job_id = ? ORDER BY at", (job_id,)))
 
     # --- plumbing ------------------------------------------------------------
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _write_error(self, e: sqlite3.Error) -> StoreError:
+        return StoreError(
+            f"The ledger at {self.path} could not be written ({e}); free disk space or check the file, then resume."
+        )
 
+    def _write(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
+        """One statement in its own (autocommit) transaction, its failure said as StoreError."""
+        try:
+            return self._db.execute(sql, tuple(params))
+        except sqlite3.Error as e:
+            raise self._write_error(e) from e
 
-class _Transaction:
-    def __init__(self, db: sqlite3.Connection):
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: Any, *_: Any) -> None:
-        self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any error; sqlite's errors come out as StoreError."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                # SQLITE_FULL and friends may already have rolled the transaction back.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as e:
+            raise self._write_error(e) from e

@@ -1,0 +1,105 @@
+"""The configured --rpm / --tpm are never exceeded, counted from what the client sent.
+
+The simulator's own limits are set far above the job's, so it admits everything and cannot bound
+what it sees: every request that reached it (any status) is counted by its arrival time, and no
+sliding window may hold more than the limit's share of that window plus the burst the limiter is
+documented to allow. The allowance comes from the limiter's constants, not from observed runs.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from pathlib import Path
+
+import backfill
+from backfill.limits import LaneLimits
+from backfill.limits.local import EARLY_S, LIFT_SHARE, MAX_BURST_S, SERVER_BURST_SHARE
+from backfill.sim import KeyLimits, SimConfig, Simulator
+from backfill.sim.log import LogEntry
+from conftest import make_rows
+
+PROMPT = "Row {{ id }} says: {{ text }}"
+MAX_TOKENS = 50
+# Far above any job's limit here: the sim must never refuse, so it cannot be what bounds the counts.
+SIM_LIMITS = KeyLimits(rpm=10_000_000, tpm=10_000_000_000)
+WINDOWS_S = (0.25, 0.5, 1.0, 2.0, 1e9)  # the last one: the whole run
+
+
+@dataclass(frozen=True)
+class Burst:
+    """What the limiter may send beyond `limit × window / 60`, in seconds of the limit (see
+    backfill.limits: start with `LaneLimits.burst_s`, grow to SERVER_BURST_SHARE of the server's
+    bucket within MAX_BURST_S, the growth paid at most LIFT_SHARE above the limit)."""
+
+    capacity_s: float  # the most the bucket can hold at any moment
+    owed_s: float  # the growth, paid on top of the refill
+    lift_share: float  # the pace at which the growth is paid, as a share of the limit
+    early_s: float  # how far an admission may run ahead of its refill (a bucket's debt)
+
+    @classmethod
+    def documented(cls) -> Burst:
+        start = LaneLimits().burst_s
+        grown = max(start, SERVER_BURST_SHARE * MAX_BURST_S)
+        return cls(capacity_s=grown, owed_s=grown - start, lift_share=LIFT_SHARE, early_s=EARLY_S)
+
+    def bound(self, per_minute: float, window_s: float) -> float:
+        """The most a window of `window_s` may hold: what the bucket held when the window opened,
+        its refill during the window, the growth paid during it, and the bucket's debt at its end."""
+        rate = per_minute / 60.0
+        lifted = min(self.owed_s, self.lift_share * window_s)
+        return rate * (self.capacity_s + window_s + lifted + self.early_s)
+
+
+def peak_in_window(entries: list[LogEntry], weight: list[int], window_s: float) -> int:
+    """The most weight that arrived in any closed window [t, t + window_s], t an arrival time."""
+    order = sorted(range(len(entries)), key=lambda i: entries[i].t)
+    times = [entries[i].t for i in order]
+    cumulative = [0]
+    for i in order:
+        cumulative.append(cumulative[-1] + weight[i])
+    return max(
+        (cumulative[bisect.bisect_right(times, start + window_s)] - cumulative[k] for k, start in enumerate(times)),
+        default=0,
+    )
+
+
+def assert_within(entries: list[LogEntry], weight: list[int], per_minute: float, what: str) -> None:
+    burst = Burst.documented()
+    over = []
+    for window_s in WINDOWS_S:
+        peak = peak_in_window(entries, weight, window_s)
+        bound = burst.bound(per_minute, window_s)
+        if peak > bound:
+            over.append(f"{peak} {what} in {window_s} s (bound {bound:.0f})")
+    assert not over, f"limit {per_minute}/min exceeded: " + "; ".join(over)
+
+
+async def run_job(tmp_path: Path, rows: int, **limits: float) -> list[LogEntry]:
+    """A real job against a sim that admits everything; every request it received, any status."""
+    async with Simulator(SimConfig(default_limits=SIM_LIMITS, latency_s=0.02)) as sim:
+        out = await backfill.arun(
+            make_rows(rows).to_pandas(), prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url,
+            params={"max_tokens": MAX_TOKENS}, state_dir=tmp_path, progress=False, return_type="arrow", **limits,
+        )
+        entries = list(sim.log.entries)
+    assert out.num_rows == rows
+    assert {e.path for e in entries} == {"/v1/chat/completions"}
+    assert all(e.status != 429 for e in entries)  # the sim bounded nothing
+    return entries
+
+
+async def test_requests_sent_never_exceed_the_configured_rpm(tmp_path: Path) -> None:
+    rpm = 6000  # 100/s: 450 rows take about 4 s
+    entries = await run_job(tmp_path, 450, rpm=rpm)
+    assert len(entries) >= 450
+    assert_within(entries, [1] * len(entries), rpm, "requests")
+
+
+async def test_tokens_sent_never_exceed_the_configured_tpm(tmp_path: Path) -> None:
+    tpm = 240_000  # 4,000/s, at ~70 tokens a request about 57 requests/s: 250 rows take about 4 s
+    entries = await run_job(tmp_path, 250, tpm=tpm)
+    # What each request reserves under an OpenAI token limit: its prompt as received, plus max_tokens.
+    tokens = [e.prompt_tokens + MAX_TOKENS for e in entries]
+    assert sum(tokens) > 3 * tpm / 60  # token-bound for seconds, not a single burst
+    assert_within(entries, tokens, tpm, "tokens")
