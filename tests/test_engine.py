@@ -134,7 +134,9 @@ async def test_budget_refuses_over_estimate_and_stops_at_the_budget(tmp_path: Pa
         assert len(sim.log) - sent_before < 400
 
 
-async def test_configured_limits_are_never_exceeded(tmp_path: Path) -> None:
+async def test_limits_configured_at_the_servers_meet_no_429s(tmp_path: Path) -> None:
+    # Whether the limits are kept is counted from what was sent in test_limits_sent.py, against a
+    # sim that refuses nothing; here the server enforces the same limits, and must refuse nothing.
     limits = KeyLimits(rpm=3000, tpm=300_000)
     async with Simulator(SimConfig(default_limits=limits, latency_s=0.02)) as sim:
         out = await backfill.arun(
@@ -142,12 +144,8 @@ async def test_configured_limits_are_never_exceeded(tmp_path: Path) -> None:
             rpm=3000, tpm=300_000, params={"max_tokens": 50}, state_dir=tmp_path, progress=False, return_type="arrow",
         )
         statuses = sim.log.count_by_status()
-        peak = sim.log.peak_window(1.0)
     assert out.num_rows == 300
     assert statuses[429] == 0
-    # Even pacing: no second sees more than the per-second share plus the one-second burst.
-    assert peak.requests <= 3000 / 60 * 2 + 1
-    assert peak.tokens <= 300_000 / 60 * 2 + 200
 
 
 async def test_limits_learned_from_headers_give_few_429s(tmp_path: Path) -> None:

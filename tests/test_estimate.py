@@ -121,7 +121,7 @@ async def test_the_running_mean_replaces_the_default_once_answers_arrive(tmp_pat
     answered = pq.read_table(tmp_path / "o.parquet").column("output_tokens").to_pylist()
     store = Store(state / "backfill.db")
     try:
-        after = estimate(make_plan(spec, rows), store)
+        after = estimate(make_plan(spec, rows, store=store), store)  # the store knows the output is the job's
     finally:
         store.close()
     assert after.rows_cached == 30 and after.expected_output_tokens == 0  # nothing left to pay for

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from backfill.errors import BackfillError, SpecError
@@ -178,3 +181,20 @@ def test_binary_columns_used_by_the_template_are_refused_from_the_schema() -> No
     check_text_columns(PromptTemplate(prompt="{{ n }}"), schema)  # an unused binary column is fine
     with pytest.raises(SpecError, match="Column 'blob' holds binary data"):
         check_text_columns(PromptTemplate(prompt='{{ row["blob"] }}'), pa.schema([("blob", pa.large_binary())]))
+
+
+def test_plan_refuses_a_binary_column_the_prompt_uses(tmp_path: Path) -> None:
+    from backfill.engine import make_plan
+    from backfill.spec import from_options
+
+    path = tmp_path / "blobs.parquet"
+    # The first rows are null, so only the schema can tell.
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": pa.array([None, None, b"row 3"], pa.binary())}), path)
+    spec = from_options(input=str(path), prompt="Say: {{ text }}", model="gpt-4o-mini")
+    with pytest.raises(SpecError, match=r"^Column 'text' holds binary data, not text; "):
+        make_plan(spec)
+    frame = pa.table({"id": [1], "text": pa.array([b"row 1"], pa.binary())}).to_pandas()
+    frame["text"] = frame["text"].astype(object)
+    with pytest.raises(SpecError, match=r"^Column 'text' holds binary data"):
+        make_plan(spec, frame)
+    assert make_plan(from_options(input=str(path), prompt="Row {{ id }}", model="gpt-4o-mini")).rows_total == 3

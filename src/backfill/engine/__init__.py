@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from backfill.limits import LaneLimiter, LaneLimits
 from backfill.providers import open_provider
 from backfill.spec import JobSpec
 from backfill.status import JobStatus, StopCause
-from backfill.store import Store
+from backfill.store import Store, StoreError
 
 __all__ = ["Estimate", "JobRunner", "JobStats", "Plan", "RunResult", "estimate", "make_plan", "run_job", "DEFAULT_STATE_DIR"]
 
@@ -104,7 +105,9 @@ async def run_job(
                         raise
                     await asyncio.sleep(LEASE_POLL_S)
     finally:
-        store.close()
+        # A ledger that cannot be written has already failed the job with that sentence.
+        with contextlib.suppress(StoreError):
+            store.close()
 
 
 def _install_signals(runner: JobRunner, job_id: str) -> None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from backfill.engine.plan import UNSET_MAX_TOKENS_RESERVE, Plan
+from backfill.engine.plan import Plan
 from backfill.errors import BackfillError, SpecError
 from backfill.providers import get_provider
-from backfill.providers.base import Provider
 from backfill.store import Store
 
 # Output tokens a chat answer is expected to have before the job has answers of its own: about a
@@ -34,7 +33,7 @@ class Estimate:
     cost_usd: float  # at the expected output
     worst_case_output_tokens: int  # every row answering at max_tokens (or the reserve when it is unset)
     worst_case_cost_usd: float
-    max_tokens: int | None  # what each request sets; None: unset, and UNSET_MAX_TOKENS_RESERVE is reserved
+    max_tokens: int | None  # what each request sets; None: unset, and plan.UNSET_MAX_TOKENS_RESERVE is reserved
     min_duration_s: float | None  # None when no limit is known before the run
     bound_by: str | None  # which limit sets the duration
 
@@ -117,8 +116,8 @@ def expected_output(plan: Plan, store: Store | None, given: int | None, max_toke
 def _running_mean(plan: Plan, store: Store | None) -> tuple[int, str] | None:
     job = store.get_job(plan.job_id) if store else None
     # `answers` (billed answers) is a newer ledger column; before it, there is no mean to take.
-    answers = getattr(job, "answers", 0) if job else 0
-    if not answers:
+    answers = getattr(job, "answers", 0) if job is not None else 0
+    if job is None or not answers:
         return None
     return round(job.output_tokens / answers), f"running mean of {answers:,} answers"
 
@@ -130,21 +129,10 @@ def _max_tokens(params: dict[str, Any]) -> int | None:
 
 def _embedding_requests(plan: Plan, rows: int, tokens: int) -> int:
     """The fewest requests the rows pack into: a pack is bound by inputs and by tokens per request."""
-    provider = _provider(plan.spec.task.provider)
+    provider = get_provider(plan.spec.task.provider)
     by_inputs = -(-rows // provider.max_embedding_inputs)
     by_tokens = -(-tokens // provider.max_embedding_tokens) if provider.max_embedding_tokens else 0
     return max(by_inputs, by_tokens)
-
-
-def _provider(name: str) -> type[Provider]:
-    try:
-        return get_provider(name)
-    except SpecError:
-        # Lead: once the providers helper registers "sim" (providers/sim.py), this fallback can go;
-        # the simulator packs embeddings like OpenAI.
-        if name != "sim":
-            raise
-        return get_provider("openai")
 
 
 def _min_duration(plan: Plan, requests: int, tokens_in: int, reserve_out: int, out_tokens: int) -> tuple[float | None, str | None]:

@@ -102,12 +102,14 @@ def after_invalid_answer(invalid_attempts: int, reason: str, retries: RetrySpec)
     return DeadLetter(reason)
 
 
-def failure_signature(outcome: Outcome) -> tuple[int, str] | None:
-    """What makes two failures 'the same' for the early stop; None for outcomes it does not count."""
-    if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.BAD_ROW):
-        return outcome.status, outcome.error or ""
+def failure_signature(outcome: Outcome) -> tuple[OutcomeKind, int] | None:
+    """What makes two failures 'the same' for the early stop: their class and status. Not the message:
+    servers put each row's own figures in it (its token count, say), and it is not a code."""
+    # No response at all (a timeout, a reset) says nothing about the request: those stay transient.
+    if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.BAD_ROW) and outcome.status:
+        return outcome.kind, outcome.status
     return None
 
 
 def _cause(outcome: Outcome) -> StopCause:
-    return StopCause.QUOTA if getattr(outcome, "quota", False) else StopCause.FATAL
+    return StopCause.QUOTA if outcome.quota else StopCause.FATAL

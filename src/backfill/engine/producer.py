@@ -70,7 +70,9 @@ class Producer:
                 book.settle(chunk, pos, RowResult(False, error=too_long))
                 continue
             requests.append((pos, request))
-        cached = self.store.get_responses({r.key for _, r in requests}) if self._use_cache else {}
+        # Without the cache, answers this job paid for still serve it: a resume never pays twice.
+        paid_by = None if self._use_cache else plan.job_id
+        cached = self.store.get_responses({r.key for _, r in requests}, paid_by=paid_by)
         for pos, request in requests:
             hit = cached.get(request.key)
             if hit is not None:

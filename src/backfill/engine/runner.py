@@ -109,9 +109,10 @@ class JobRunner:
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._sends: set[asyncio.Task[None]] = set()
-        self._early: dict[tuple[int, str], int] = {}  # failures before any success, by signature
+        self._early: dict[tuple[OutcomeKind, int], int] = {}  # failures before any success, by signature
         self._error: BaseException | None = None
         self._lease_lost = False
+        self._mode: str | None = None  # the structured-output mode schema requests go out in
 
     @property
     def output_path(self) -> str:
@@ -140,6 +141,7 @@ class JobRunner:
         try:
             store.set_totals(plan.job_id, plan.rows_total, plan.chunks_total)
             store.set_status(plan.job_id, JobStatus.RUNNING)
+            self._restore_structured_mode()
             s = self.stats
             s.cost_usd, s.rows_ok, s.rows_failed, s.rows_before = job.spent_usd, job.rows_ok, job.rows_failed, job.rows_done
             s.requests_before, s.rate_limited_before = job.requests, job.rate_limited
@@ -219,6 +221,21 @@ class JobRunner:
             elif asked == "pause":
                 self.stop(JobStatus.PAUSED, "paused by request", cause=StopCause.PAUSE)
 
+    def _restore_structured_mode(self) -> None:
+        """Schema requests start in the mode this endpoint and model last worked in, not with a rejection."""
+        if self.spec.task.schema_ is None:
+            return
+        mode = self.store.get_structured_mode(self.plan.endpoint, self.spec.task.model)
+        if mode is not None:
+            self.provider.use_structured_mode(mode)
+        current = self.provider.structured_mode
+        self._mode = None if current is None else str(current.value)
+
+    def _note_structured_mode(self, mode: str) -> None:
+        self._mode = mode
+        self.store.set_structured_mode(self.plan.endpoint, self.spec.task.model, mode)
+        self.store.add_event(self.plan.job_id, "structured_mode", f"the server takes structured output as {mode}")
+
     def _budget_stop(self) -> None:
         budget = self.spec.budget.usd or 0.0
         self.stop(
@@ -234,6 +251,8 @@ class JobRunner:
         if not tokens.loaded() and self.limiter.counts_tokens():
             tokens.load_in_background()
         rows, kind = send.rows, outcome.kind
+        if outcome.structured_mode is not None and outcome.structured_mode != self._mode:
+            self._note_structured_mode(outcome.structured_mode)
         self.dispatcher.breaker.record(kind is OutcomeKind.RETRY)
         if kind is OutcomeKind.RATE_LIMITED:
             self.stats.rate_limited += 1

@@ -87,6 +87,13 @@ def _codec(encoding: str | None) -> str | None:
     return None if name == "utf-8" else name
 
 
+def _not_utf8(path: Path, line: int, byte: int) -> SpecError:
+    return SpecError(
+        f"Input file '{path}' is not valid UTF-8 at line {line} (byte 0x{byte:02x}); "
+        "pass --input-encoding latin-1 (or the file's encoding)."
+    )
+
+
 def _utf8_error(path: Path) -> SpecError | None:
     """Where `path` (decompressed) first stops being UTF-8, as the error to raise; None when it is all UTF-8.
 
@@ -102,11 +109,7 @@ def _utf8_error(path: Path) -> SpecError | None:
                 # Not final until the end: a character cut at the chunk's edge is carried over.
                 _, used = codecs.utf_8_decode(data, "strict", not chunk)
             except UnicodeDecodeError as e:
-                line += data.count(b"\n", 0, e.start)
-                return SpecError(
-                    f"Input file '{path}' is not valid UTF-8 at line {line} (byte 0x{data[e.start]:02x}); "
-                    "pass --input-encoding latin-1 (or the file's encoding)."
-                )
+                return _not_utf8(path, line + data.count(b"\n", 0, e.start), data[e.start])
             if not chunk:
                 return None
             line += data.count(b"\n", 0, used)
@@ -390,10 +393,7 @@ class JsonlSource(_FileSource):
             codecs.utf_8_decode(block.data, "strict", True)
         except UnicodeDecodeError as e:
             line = block.first_line + block.data.count(b"\n", 0, e.start)
-            raise SpecError(
-                f"Input file '{self.path}' is not valid UTF-8 at line {line} (byte 0x{block.data[e.start]:02x}); "
-                "pass --input-encoding latin-1 (or the file's encoding)."
-            ) from None
+            raise _not_utf8(self.path, line, block.data[e.start]) from None
 
     def _scan(self) -> None:
         try:

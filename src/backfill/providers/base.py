@@ -43,6 +43,11 @@ class ErrorFields:
     message: str
 
 
+def _out_of_quota(status: int, err: ErrorFields) -> bool:
+    """The account's quota or credit is exhausted: fatal, and the job stops with cause `quota`."""
+    return err.type == "billing_error" or "insufficient_quota" in (err.code, err.type) or status == 402
+
+
 def dumps(obj: Any) -> bytes:
     # orjson: encoding and decoding are a measurable share of a request's CPU with the stdlib.
     # Non-string keys as json.dumps writes them: a Python caller's logit_bias={50256: -100}.
@@ -280,12 +285,15 @@ class Provider(abc.ABC):
         """Classify a non-2xx reply."""
         err = error_fields(reply.body)
         kind, error = self._classify(reply.status, err, model)
-        return Outcome(kind, status=reply.status, error=error, retry_after=parse_retry_after(reply.headers))
+        return Outcome(
+            kind, status=reply.status, error=error, retry_after=parse_retry_after(reply.headers),
+            quota=_out_of_quota(reply.status, err),
+        )
 
     def _classify(self, status: int, err: ErrorFields, model: str) -> tuple[OutcomeKind, str]:
         name = self.name
         detail = f": {_trim(self._scrub(err.message))}" if err.message.strip() else ""
-        if err.type == "billing_error" or "insufficient_quota" in (err.code, err.type) or status == 402:
+        if _out_of_quota(status, err):
             return OutcomeKind.FATAL, (
                 f"The {name} account's quota or credit is exhausted ({status}); add credit or raise the limit, then resume."
             )

@@ -208,17 +208,18 @@ class Store:
         self._pending_spend = {}
         self.failed = None
 
-    def get_responses(self, keys: Iterable[str], *, scope: str = "") -> dict[str, CachedResponse]:
-        """The answers cached in `scope` among `keys`."""
+    def get_responses(self, keys: Iterable[str], *, scope: str = "", paid_by: str | None = None) -> dict[str, CachedResponse]:
+        """The answers cached in `scope` among `keys`; with `paid_by`, only those that job paid for."""
         keys = list(dict.fromkeys(keys))
         found: dict[str, CachedResponse] = {}
+        only_job = "" if paid_by is None else " AND job_id = ?"
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
             marks = ",".join("?" * len(part))
             for row in self._db.execute(
                 f"SELECT request_key, text, embedding, input_tokens, output_tokens, cached_tokens, cost_usd"
-                f" FROM cache WHERE scope = ? AND request_key IN ({marks})",
-                [scope, *part],
+                f" FROM cache WHERE scope = ? AND request_key IN ({marks}){only_job}",
+                [scope, *part] if paid_by is None else [scope, *part, paid_by],
             ):
                 found[row[0]] = CachedResponse(row[1], _unpack(row[2]), row[3], row[4], row[5], row[6])
         return found
