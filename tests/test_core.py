@@ -288,6 +288,11 @@ async def test_the_working_structured_mode_is_remembered_per_endpoint_and_model(
         # A new job on the same endpoint and model starts in the mode that works.
         await backfill.arun(make_rows(20, start=100).to_pandas(), **opts)
         assert sum(e.status == 422 for e in sim.log.entries) == rejected
+    store = Store(tmp_path / "state" / "backfill.db")
+    job = store.list_jobs()[0]
+    store.close()
+    shown = await run_cli("status", job.id, "--json", "--state-dir", str(tmp_path / "state"))
+    assert json.loads(shown.stdout)["structured_mode"] == "json_object_schema"
 
 
 def test_status_and_cause_are_enums_in_the_ledger(tmp_path: Path) -> None:
@@ -346,3 +351,16 @@ async def test_an_exhausted_quota_stops_the_job_with_cause_quota(tmp_path: Path)
         spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id")
         result = await run_job(spec, data=make_rows(20), state_dir=tmp_path)
     assert result.status is JobStatus.FAILED and result.cause is StopCause.QUOTA and "quota" in (result.reason or "")
+
+
+async def test_a_job_that_leaves_a_lane_leaves_no_fair_share_state() -> None:
+    from backfill.engine.fairshare import FairShare
+    from backfill.limits import LaneLimits, Limiter
+
+    fair = FairShare(Limiter(LaneLimits(rpm=600_000)))
+    for i in range(200):
+        view = fair.for_job(f"job-{i}")
+        view.release(await view.acquire(0, 0))
+        fair.leave(f"job-{i}")
+    assert fair._shares == {} and fair.admitted == {}
+    await fair.close()

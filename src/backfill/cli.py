@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backfill import engine, loop
+from backfill.engine.plan import key_endpoint
 from backfill.engine.runner import RunResult
 from backfill.errors import BackfillError, SpecError
 from backfill.progress import show_progress
@@ -263,19 +264,28 @@ def status(job: str = typer.Argument(...), state_dir: Optional[Path] = StateDir,
         rec = _find_job(store, job)
         dead = store.dead_letters(rec.id, limit=10)
         events = store.events(rec.id)[-5:]
+        task = rec.spec["task"]
+        endpoint = key_endpoint(task["provider"], task.get("base_url"))
+        mode = store.get_structured_mode(endpoint, task["model"]) if task.get("schema") else None
     finally:
         store.close()
     if as_json:
         out.print_json(json.dumps({
-            "id": rec.id, "status": rec.status, "reason": rec.reason, "rows_total": rec.rows_total,
+            "id": rec.id, "status": rec.status, "stop_cause": rec.stop_cause, "reason": rec.reason,
+            "rows_total": rec.rows_total, "structured_mode": mode, "lease_holder": rec.lease_holder,
             "rows_ok": rec.rows_ok, "rows_failed": rec.rows_failed, "spent_usd": rec.spent_usd,
             "requests": rec.requests, "rate_limited": rec.rate_limited,
             "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "output": rec.spec["output"].get("path"),
             "dead_letters": [{"row_id": d.row_id, "reason": d.reason} for d in dead],
         }))
         return
-    out.print(f"[bold]job {rec.id}[/bold]  {rec.status}" + (f" — {rec.reason}" if rec.reason else ""))
-    out.print(f"  model {rec.spec['task']['model']} via {rec.spec['task']['provider']}; output {rec.spec['output'].get('path')}")
+    cause = f" ({rec.stop_cause})" if rec.stop_cause else ""
+    out.print(f"[bold]job {rec.id}[/bold]  {rec.status}{cause}" + (f" — {rec.reason}" if rec.reason else ""), highlight=False)
+    out.print(f"  model {task['model']} via {task['provider']}; output {rec.spec['output'].get('path')}", highlight=False)
+    if rec.status is JobStatus.RUNNING and rec.lease_holder:
+        out.print(f"  running in process {rec.lease_holder}", highlight=False)
+    if mode is not None:
+        out.print(f"  structured output sent as {mode} (what {endpoint} accepts)", highlight=False)
     out.print(f"  rows ok {rec.rows_ok:,}, failed {rec.rows_failed:,} of {rec.rows_total or 0:,}")
     out.print(f"  requests {rec.requests:,} (429s {rec.rate_limited:,}); tokens in {rec.input_tokens:,}, out {rec.output_tokens:,}; spent ${rec.spent_usd:.4f}")
     for d in dead:

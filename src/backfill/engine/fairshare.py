@@ -46,6 +46,15 @@ class FairShare:
         share.weight = weight
         return JobLimiter(self, share)
 
+    def leave(self, name: str) -> None:
+        """Forget a job that left the lane: every admission looks at each share, so a share kept for
+        each finished job would make admission slower with every job the lane has seen."""
+        share = self._shares.pop(name, None)
+        self.admitted.pop(name, None)
+        if share is not None:
+            for _, _, fut in share.waiters:
+                fut.cancel()
+
     def set_weight(self, name: str, weight: float) -> None:
         if name in self._shares:
             self._shares[name].weight = weight

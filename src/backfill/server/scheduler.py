@@ -351,6 +351,8 @@ class Scheduler:
 
     def _leave_lane(self, rj: RunningJob) -> None:
         lane = rj.lane
+        if lane is not None:
+            lane.fair.leave(rj.job.id)
         if lane is not None and lane.members.pop(rj.job.id, None) is not None:
             self._reweight(lane, rj.job.owner)
 
