@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import sys
@@ -17,8 +16,8 @@ import pytest
 
 import backfill
 from backfill.engine import JobRunner, make_plan, run_job
-from backfill.errors import BackfillError, FatalProviderError, SpecError
-from backfill.sim import SimConfig, Simulator
+from backfill.errors import FatalProviderError, SpecError
+from backfill.sim import Faults, KeyLimits, ModelInfo, SimConfig, Simulator
 from backfill.spec import from_options
 from backfill.status import JobStatus, StopCause
 from backfill.store import Store
@@ -26,6 +25,12 @@ from conftest import make_rows, run_cli
 
 PROMPT = "Summarize {{ id }}: {{ text }}"  # the id makes every prompt distinct
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}, "label": {"type": "string"}}, "required": ["n", "label"]}
+
+
+def _cli_run(sim: Simulator, src: Path, out: Path, state: Path, *extra: str, prompt: str = PROMPT, max_tokens: int = 30) -> list[str]:
+    return ["run", "--input", str(src), "--id-column", "id", "--prompt", prompt, "--model", "gpt-4o-mini",
+            "--base-url", sim.base_url, "--max-tokens", str(max_tokens), "--output", str(out), "--state-dir", str(state),
+            "--quiet", *extra]
 
 
 def _opts(sim: Simulator, tmp_path: Path, **extra):
@@ -94,7 +99,7 @@ async def test_a_ledger_that_cannot_be_written_fails_the_job_with_one_sentence_a
 async def test_a_second_server_gets_its_own_requests_and_checks_its_own_key(tmp_path: Path, monkeypatch) -> None:
     rows = make_rows(30).to_pandas()
     monkeypatch.setenv("SIM_KEY", "key-a")
-    async with Simulator(SimConfig()) as a, Simulator(SimConfig(keys={"key-b": __import__("backfill.sim", fromlist=["KeyLimits"]).KeyLimits()})) as b:
+    async with Simulator(SimConfig()) as a, Simulator(SimConfig(keys={"key-b": KeyLimits()})) as b:
         common = dict(prompt=PROMPT, model="gpt-4o-mini", provider="openai", id_column="id", api_key_env="SIM_KEY",
                       state_dir=tmp_path, progress=False, return_type="arrow", prices={"gpt-4o-mini": {"input": 0.15, "output": 0.6}})
         await backfill.arun(rows, base_url=a.base_url, **common)
@@ -136,9 +141,7 @@ async def test_a_second_run_of_a_running_job_exits_6_naming_the_holder_and_wait_
     src = rows_parquet(200)
     out, state = tmp_path / "out.parquet", tmp_path / "state"
     async with Simulator(SimConfig(latency_s=0.2)) as sim:
-        args = ["run", "--input", str(src), "--id-column", "id", "--prompt", PROMPT, "--model", "gpt-4o-mini",
-                "--base-url", sim.base_url, "--max-tokens", "30", "--output", str(out), "--state-dir", str(state),
-                "--quiet", "--max-in-flight", "8", "--chunk-size", "20"]
+        args = _cli_run(sim, src, out, state, "--max-in-flight", "8", "--chunk-size", "20")
         first = await asyncio.create_subprocess_exec(sys.executable, "-m", "backfill", *args, stderr=asyncio.subprocess.PIPE)
         while len(sim.log) < 10 and first.returncode is None:
             await asyncio.sleep(0.02)
@@ -157,10 +160,8 @@ async def test_a_second_run_of_a_running_job_exits_6_naming_the_holder_and_wait_
 async def test_a_deleted_output_is_rebuilt_from_the_ledger_without_a_request(tmp_path: Path, rows_parquet) -> None:
     src = rows_parquet(120)
     out, state = tmp_path / "out.parquet", tmp_path / "state"
-    async with Simulator(SimConfig(models={"gpt-4o-mini": __import__("backfill.sim", fromlist=["ModelInfo"]).ModelInfo(context_window=40)})) as sim:
-        args = ["run", "--input", str(src), "--id-column", "id", "--prompt", "{{ text }}", "--model", "gpt-4o-mini",
-                "--base-url", sim.base_url, "--max-tokens", "20", "--output", str(out), "--state-dir", str(state),
-                "--quiet", "--chunk-size", "25"]
+    async with Simulator(SimConfig(models={"gpt-4o-mini": ModelInfo(context_window=40)})) as sim:
+        args = _cli_run(sim, src, out, state, "--chunk-size", "25", prompt="{{ text }}", max_tokens=20)
         first = await run_cli(*args)
         assert first.returncode == 0, first.stderr
         before = pq.read_table(out).sort_by("id")
@@ -182,7 +183,7 @@ async def test_every_billed_answer_counts_and_the_cost_column_sums_to_the_ledger
 
     price = PriceTable.builtin().get("gpt-4o-mini")
     rows = pa.concat_tables([make_rows(40), make_rows(10)])  # ten rows repeat: answered once
-    async with Simulator(SimConfig(faults=__import__("backfill.sim", fromlist=["Faults"]).Faults(truncate=0.5), seed=3)) as sim:
+    async with Simulator(SimConfig(faults=Faults(truncate=0.5), seed=3)) as sim:
         out = await backfill.arun(rows.to_pandas(), schema=SCHEMA, **{**_opts(sim, tmp_path, chunk_size=10), "id_column": None, "params": {"max_tokens": 40}})
         billed = sum(price.cost(e.prompt_tokens, e.output_tokens) for e in sim.log.entries if e.status == 200)
     store = Store(tmp_path / "state" / "backfill.db")
@@ -225,9 +226,7 @@ async def test_request_counts_survive_a_kill(tmp_path: Path, rows_parquet) -> No
     src = rows_parquet(600)
     state = tmp_path / "state"
     async with Simulator(SimConfig(latency_s=0.01)) as sim:
-        args = ["run", "--input", str(src), "--id-column", "id", "--prompt", PROMPT, "--model", "gpt-4o-mini",
-                "--base-url", sim.base_url, "--max-tokens", "30", "--output", str(tmp_path / "o.parquet"),
-                "--state-dir", str(state), "--quiet", "--chunk-size", "20", "--max-in-flight", "4"]
+        args = _cli_run(sim, src, tmp_path / "o.parquet", state, "--chunk-size", "20", "--max-in-flight", "4")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "backfill", *args, stderr=asyncio.subprocess.DEVNULL)
         while len(sim.log) < 200 and proc.returncode is None:
             await asyncio.sleep(0.01)
@@ -268,7 +267,6 @@ async def test_a_row_beyond_the_lanes_token_limit_is_a_dead_letter(tmp_path: Pat
 # --- 11. a failure that repeats identically stops the job early -------------------------------------
 
 async def test_a_deterministic_500_stops_the_job_early(tmp_path: Path) -> None:
-    Faults = __import__("backfill.sim", fromlist=["Faults"]).Faults
     async with Simulator(SimConfig(faults=Faults(error_500=1.0))) as sim:
         with pytest.raises(FatalProviderError, match="first 20 requests all failed the same way"):
             await backfill.arun(make_rows(500).to_pandas(), **_opts(sim, tmp_path, max_in_flight=4))
@@ -308,9 +306,7 @@ async def test_ctrl_c_pauses_with_cause_interrupt_and_exit_130(tmp_path: Path, r
     src = rows_parquet(400)
     state = tmp_path / "state"
     async with Simulator(SimConfig(latency_s=0.1)) as sim:
-        args = ["run", "--input", str(src), "--id-column", "id", "--prompt", PROMPT, "--model", "gpt-4o-mini",
-                "--base-url", sim.base_url, "--max-tokens", "30", "--output", str(tmp_path / "o.parquet"),
-                "--state-dir", str(state), "--quiet", "--max-in-flight", "4"]
+        args = _cli_run(sim, src, tmp_path / "o.parquet", state, "--max-in-flight", "4")
         proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "backfill", *args, stderr=asyncio.subprocess.DEVNULL)
         while len(sim.log) < 10 and proc.returncode is None:
             await asyncio.sleep(0.02)
@@ -327,9 +323,7 @@ async def test_cache_clear_by_job_and_no_cache(tmp_path: Path, rows_parquet) -> 
     state = tmp_path / "state"
     async with Simulator(SimConfig()) as sim:
         def args(out: str, *extra: str) -> list[str]:
-            return ["run", "--input", str(src), "--id-column", "id", "--prompt", PROMPT, "--model", "gpt-4o-mini",
-                    "--base-url", sim.base_url, "--max-tokens", "30", "--output", str(tmp_path / out),
-                    "--state-dir", str(state), "--quiet", *extra]
+            return _cli_run(sim, src, tmp_path / out, state, *extra)
         assert (await run_cli(*args("a.parquet"))).returncode == 0
         assert (await run_cli(*args("b.parquet"))).returncode == 0  # another job (another output): all from the cache
         assert len(sim.log) == 20
@@ -345,8 +339,6 @@ async def test_cache_clear_by_job_and_no_cache(tmp_path: Path, rows_parquet) -> 
 
 
 async def test_an_exhausted_quota_stops_the_job_with_cause_quota(tmp_path: Path) -> None:
-    from backfill.sim import KeyLimits
-
     async with Simulator(SimConfig(default_limits=KeyLimits(quota_exhausted=True))) as sim:
         spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id")
         result = await run_job(spec, data=make_rows(20), state_dir=tmp_path)
