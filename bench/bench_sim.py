@@ -2,7 +2,8 @@
 
 The sim runs in its own process (`python -m backfill.sim`, zero latency, no limits unless a scenario
 sets them); this process is the load generator (one aiohttp session, many keep-alive connections).
-The baseline is an aiohttp low-level server answering a fixed JSON body, measured the same way.
+The baseline is an aiohttp low-level server answering a fixed JSON body, measured the same way; both
+servers and the load generator run on uvloop.
 Run: .venv/bin/python bench/bench_sim.py [--seconds 3] [--concurrency 64]
 """
 
@@ -19,8 +20,11 @@ from typing import Any
 import aiohttp
 import psutil
 
+from common import use_uvloop
+
 _BASELINE = r"""
 import asyncio, sys
+import uvloop
 from aiohttp import web
 BODY = b'{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi"}}]}'
 async def handle(request):
@@ -33,7 +37,7 @@ async def main():
     await site.start()
     print(f"listening on http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
     await asyncio.Event().wait()
-asyncio.run(main())
+uvloop.run(main())  # the sim runs on uvloop (backfill.loop), so its baseline does too
 """
 
 _PROMPT = "Classify the sentiment of this review of a blue kettle: it boils fast, is quiet, and the lid is sturdy."
@@ -164,6 +168,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=64)
     args = parser.parse_args()
+    use_uvloop()
     sim = [sys.executable, "-m", "backfill.sim", "--port", "0"]
     base_rps, base_cpu, _ = measure([sys.executable, "-c", _BASELINE], scenarios()[0], args.seconds, args.concurrency)
     print(f"{'scenario':<24}{'req/s':>9}{'CPU s/1k req':>14}{'x baseline':>12}{'capacity/core':>15}{'non-200':>9}")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ClientConfig, ClientResult
+from common import BARE, ClientConfig, ClientResult, use_uvloop
 
 Answers = tuple[list[int], list[Any]]  # ids and their answers (None = no answer)
 
@@ -111,6 +111,38 @@ def backfill_setup(cfg: ClientConfig) -> Callable[[], Awaitable[None]]:
 def backfill_check(cfg: ClientConfig) -> None:
     table = pq.read_table(cfg.out, columns=["id", "status"])
     _write_check(cfg, table.column("id").to_pylist(), [s == "ok" for s in table.column("status").to_pylist()])
+
+
+# --- the floor: aiohttp alone, no tool (workload 4's yardstick for CPU per request) ----------------
+
+
+def bare_setup(cfg: ClientConfig) -> Callable[[], Awaitable[Answers]]:
+    """The least a client can do per request: a fixed pool of tasks over one aiohttp session,
+    orjson both ways, no retries (the sim of workload 4 has no faults and no limits)."""
+    import aiohttp
+    import orjson
+
+    async def work() -> Answers:
+        ids, texts = _read(cfg)
+        answers: list[Any] = [None] * len(ids)
+        url = cfg.base_url.rstrip("/") + "/chat/completions"
+        headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
+        rows = iter(range(len(ids)))  # shared by the pool: each task takes the next row
+        connector = aiohttp.TCPConnector(limit=cfg.max_in_flight)
+        async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+            async def worker() -> None:
+                for i in rows:
+                    body = {"model": cfg.model, "messages": [{"role": "user", "content": texts[i]}], "max_tokens": cfg.max_tokens}
+                    async with session.post(url, data=orjson.dumps(body)) as r:
+                        raw = await r.read()
+                        if r.status == 200:
+                            answers[i] = orjson.loads(raw)["choices"][0]["message"]["content"]
+
+            await asyncio.gather(*(worker() for _ in range(min(cfg.max_in_flight, len(ids)))))
+        return ids, answers
+
+    return work
 
 
 # --- the naive approach: AsyncOpenAI + a semaphore + the SDK's retries -----------------------------
@@ -253,10 +285,12 @@ SETUPS: dict[str, Callable[[ClientConfig], Callable[[], Awaitable[Any]]]] = {
     "naive": naive_setup,
     "litellm": litellm_setup,
     "curator": curator_setup,
+    BARE: bare_setup,
 }
 
 
 def main() -> None:
+    use_uvloop()  # before any tool is imported or set up: some make their loops early
     cfg = ClientConfig(**json.loads(Path(sys.argv[1]).read_text()))
     if cfg.tool == "curator":
         os.environ["CURATOR_CACHE_DIR"] = cfg.state_dir

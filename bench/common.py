@@ -4,6 +4,7 @@ measured subprocess, the exactly-once check of its output, the sim log's counts,
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import random
@@ -20,14 +21,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from backfill.sim.log import read_jsonl
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 TOOLS = ("backfill", "naive", "litellm", "curator")
+# The floor every client's CPU per request is held against (workload 4): aiohttp alone, no tool.
+BARE = "aiohttp"
 # The sim's buckets hold this many seconds of each limit (its default), and start full.
 SIM_BURST_S = 1.0
 MAX_IN_FLIGHT = 256
+# Told no limits, Curator applies its own default of 200 requests/min: where the sim has none, it is
+# told these, far above reach (and 1000× that in tokens).
+CURATOR_UNBOUNDED_RPM = 100_000_000
 
 # Plain English words of one cl100k token each (with their leading space), so a prompt of n words
 # counts close to n tokens and every row is a different request.
@@ -161,6 +166,10 @@ def sim(
 
 
 def sim_counts(log: Path) -> SimCounts:
+    # Here, not at the top: clients.py imports this module, and a competitor's process must not
+    # pay for importing backfill (about half a second and 40 MB).
+    from backfill.sim.log import read_jsonl
+
     entries = read_jsonl(log)
     answered: Counter[str] = Counter(e.request_hash for e in entries if e.status == 200)
     return SimCounts(
@@ -173,10 +182,22 @@ def sim_counts(log: Path) -> SimCounts:
     )
 
 
+# --- the event loop ----------------------------------------------------------------------------
+
+
+def use_uvloop() -> None:
+    """Every event loop this process makes is uvloop's: asyncio.run, new_event_loop and the loops
+    the tools make for themselves (Curator's asyncio.run in its thread). backfill runs on uvloop
+    by default, so every tool gets it too and the CPU ratios compare the tools, not the loops."""
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 # --- one client run ----------------------------------------------------------------------------
 
 
-def _venv_env(tool: str, workdir: Path) -> dict[str, str]:
+def venv_env(tool: str, workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
     # Keep every tool off the network and free of hub or telemetry calls; the sim takes any key.
     env.update(
@@ -203,7 +224,7 @@ def start_client(cfg: ClientConfig, workdir: Path) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
-        env=_venv_env(cfg.tool, workdir),
+        env=venv_env(cfg.tool, workdir),
     )
 
 
@@ -223,6 +244,13 @@ def finish_client(proc: subprocess.Popen[str], cfg: ClientConfig, expected_ids: 
     if result.ok:
         check_rows(result, Path(cfg.check), expected_ids)
     return result
+
+
+def unbounded(tool: str) -> dict[str, float]:
+    """The limits to tell a tool when the sim has none."""
+    if tool == "curator":
+        return {"rpm": CURATOR_UNBOUNDED_RPM, "tpm": CURATOR_UNBOUNDED_RPM * 1000}
+    return {}
 
 
 def fresh(cfg: ClientConfig) -> None:

@@ -24,6 +24,7 @@ WORKLOADS = {
     "w5": "w5_memory",
     "w6": "w6_resume",
     "w7": "w7_embeddings",
+    "w8": "w8_startup",
 }
 
 

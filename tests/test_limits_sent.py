@@ -3,7 +3,9 @@
 The simulator's own limits are set far above the job's, so it admits everything and cannot bound
 what it sees: every request that reached it (any status) is counted by its arrival time, and no
 sliding window may hold more than the limit's share of that window plus the burst the limiter is
-documented to allow. The allowance comes from the limiter's constants, not from observed runs.
+documented to allow, nor may the requests sent since the sim started exceed the limit's share of that
+time plus the burst the limiter starts with. The allowances come from the limiter's constants, not
+from observed runs.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from backfill.providers.base import Provider
 from backfill.providers.openai import AzureProvider, OpenAIProvider
 from backfill.providers.sim import SimProvider
 from backfill.providers.structured import StructuredMode
-from backfill.sim import Simulator, builtin_sim_config
 
 _REGISTRY: dict[str, type[Provider]] = {
     p.name: p for p in (OpenAIProvider, AzureProvider, AnthropicProvider, SimProvider)
@@ -36,6 +35,9 @@ async def open_provider(
     cls = get_provider(name)
     async with AsyncExitStack() as stack:
         if base_url is None and cls.starts_simulator:
+            # Imported here: the simulator's web server is a tenth of start-up for jobs that never use it.
+            from backfill.sim import Simulator, builtin_sim_config
+
             sim = await stack.enter_async_context(Simulator(builtin_sim_config()))
             base_url = sim.base_url
         provider = cls(base_url=base_url, api_key=api_key, timeout_s=timeout_s, max_connections=max_connections)
