@@ -57,7 +57,7 @@ async def test_answers_beyond_int64_are_dead_letters_and_resume_does_not_wedge(t
         out = await asyncio.wait_for(backfill.arun(make_rows(20).to_pandas(), **opts), 30)
         assert out.num_rows == 20
         assert set(out.column("status").to_pylist()) == {"failed"}
-        assert all("does not fit the output columns" in e for e in out.column("error").to_pylist())
+        assert all("does not fit the column's type int64" in e for e in out.column("error").to_pylist())
         paid = len(sim.log)
         # Run again with the answers in the cache: the same dead letters, nothing sent, no wedge.
         (tmp_path / "state" / "jobs").rename(tmp_path / "old-parts")

@@ -53,13 +53,14 @@ class AnswerDecoder:
 
     def misfit(self, answer: Any) -> str | None:
         """Why one answer does not fit its output columns (a number beyond int64, say), or None."""
-        try:
-            self.columns([answer])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError) as e:
-            return f"invalid output: the answer does not fit the output columns ({_first_line(e)})"
+        structured = self._validator is not None and isinstance(answer, dict)
+        for f in self._fields:
+            try:
+                if structured:
+                    output_table([answer], [f])
+                else:
+                    pa.array([answer], type=f.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+                value = answer.get(f.name) if structured else answer
+                return f"invalid output: {f.name} = {str(value)[:40]} does not fit the column's type {f.type}"
         return None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
