@@ -281,7 +281,7 @@ async def test_the_working_structured_mode_is_remembered_per_endpoint_and_model(
         rejected = sum(e.status == 422 for e in sim.log.entries)
         assert 1 <= rejected <= 2
         store = Store(tmp_path / "state" / "backfill.db")
-        assert store.get_structured_mode(sim.base_url.rstrip("/"), "gpt-4o-mini") == "json_object_schema"
+        assert store.get_structured_mode(f"sim|{sim.base_url.rstrip('/')}", "gpt-4o-mini") == "json_object_schema"
         store.close()
         # A new job on the same endpoint and model starts in the mode that works.
         await backfill.arun(make_rows(20, start=100).to_pandas(), **opts)
@@ -330,10 +330,12 @@ async def test_cache_clear_by_job_and_no_cache(tmp_path: Path, rows_parquet) -> 
         assert (await run_cli(*args("c.parquet", "--no-cache"))).returncode == 0  # other jobs' answers not reused
         assert len(sim.log) == 40
         store = Store(state / "backfill.db")
-        first = [j for j in store.list_jobs() if j.spec["output"]["path"].endswith("a.parquet")][0]
+        fresh = [j for j in store.list_jobs() if j.spec["output"]["path"].endswith("c.parquet")][0]
         store.close()
-        cleared = await run_cli("cache", "clear", "--job", first.id[:8], "--state-dir", str(state))
+        # The answers the run without the cache paid for are its own now: a resume of it reuses them.
+        cleared = await run_cli("cache", "clear", "--job", fresh.id[:8], "--state-dir", str(state))
         assert cleared.returncode == 0 and "removed 20" in cleared.stdout
+        assert "removed 0" in (await run_cli("cache", "clear", "--state-dir", str(state))).stdout
         bad = await run_cli("cache", "clear", "--older-than", "soon", "--state-dir", str(state))
         assert bad.returncode == 2 and "30d" in bad.stderr
 
@@ -356,3 +358,53 @@ async def test_a_job_that_leaves_a_lane_leaves_no_fair_share_state() -> None:
         fair.leave(f"job-{i}")
     assert fair._shares == {} and fair.admitted == {}
     await fair.close()
+
+
+async def test_a_run_cancelled_by_its_caller_is_recorded_as_paused(tmp_path: Path) -> None:
+    async with Simulator(SimConfig(latency_s=0.3)) as sim:
+        spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id", max_in_flight=2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(run_job(spec, data=make_rows(200), state_dir=tmp_path), 1.0)
+    store = Store(tmp_path / "backfill.db")
+    job = store.list_jobs()[0]
+    store.close()
+    assert job.status is JobStatus.PAUSED and job.stop_cause is StopCause.INTERRUPT and job.lease_holder is None
+
+
+async def test_two_runs_of_one_job_in_one_process_are_one_runner(tmp_path: Path) -> None:
+    from backfill.errors import JobBusy
+
+    async with Simulator(SimConfig(latency_s=0.05)) as sim:
+        spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id")
+        results = await asyncio.gather(
+            run_job(spec, data=make_rows(100), state_dir=tmp_path), run_job(spec, data=make_rows(100), state_dir=tmp_path),
+            return_exceptions=True,
+        )
+        assert sorted(type(r).__name__ for r in results) == ["JobBusy", "RunResult"]
+        assert len(sim.log) == 100
+
+
+async def test_an_input_that_shrinks_while_the_job_runs_fails_it_with_a_sentence(tmp_path: Path) -> None:
+    src = tmp_path / "in.parquet"
+    pq.write_table(make_rows(100), src)
+    async with Simulator(SimConfig()) as sim:
+        spec = from_options(input=str(src), prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url,
+                            id_column="id", chunk_size=10, output=str(tmp_path / "out.parquet"))
+
+        def shrink(runner: JobRunner) -> None:
+            pq.write_table(make_rows(35), src)  # after the plan counted 100 rows
+
+        result = await asyncio.wait_for(run_job(spec, state_dir=tmp_path / "state", on_start=shrink), 30)
+    assert result.status is JobStatus.FAILED and "input changed" in (result.reason or "")
+
+
+def test_early_stop_tells_failures_apart_by_the_error_code() -> None:
+    from backfill.engine.policy import failure_signature
+    from backfill.request import Outcome, OutcomeKind
+
+    too_long = Outcome(OutcomeKind.BAD_ROW, status=400, error="22 tokens", code="context_length_exceeded")
+    other = Outcome(OutcomeKind.BAD_ROW, status=400, error="31 tokens", code="invalid_value")
+    assert failure_signature(too_long) == failure_signature(Outcome(OutcomeKind.BAD_ROW, status=400, error="9", code="context_length_exceeded"))
+    assert failure_signature(too_long) != failure_signature(other)
+    assert failure_signature(Outcome(OutcomeKind.BAD_ROW, status=200, error="refused")) is None
+    assert failure_signature(Outcome(OutcomeKind.RETRY, status=0, error="timeout")) is None

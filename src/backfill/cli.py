@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backfill import engine, loop
-from backfill.engine.plan import key_endpoint
+from backfill.engine.plan import key_endpoint, mode_key
 from backfill.engine.runner import RunResult
 from backfill.errors import BackfillError, SpecError
 from backfill.progress import show_progress
@@ -120,10 +120,18 @@ def _run_and_report(spec: JobSpec, state_dir: Optional[Path], quiet: bool, *, us
     if result.error is not None:
         logging.getLogger("backfill").debug("the job's error", exc_info=result.error)
     s = result.stats
+    # Rows and spend as the ledger holds them (the one truth); this run's own counts beside them.
+    store = engine.open_store(state_dir)
+    try:
+        job = store.get_job(result.job_id)
+    finally:
+        store.close()
+    ok, failed, spent = (job.rows_ok, job.rows_failed, job.spent_usd) if job else (s.rows_ok, s.rows_failed, s.cost_usd)
     summary = (
         f"job {result.job_id}: {result.status}" + (f" — {result.reason}" if result.reason else "")
-        + f"\n  rows ok {s.rows_ok:,}, failed {s.rows_failed:,} of {s.rows_total:,}; requests {s.requests_sent:,}"
-        + f" ({s.rows_from_cache:,} rows from cache), 429s {s.rate_limited}, retries {s.retries}; cost ${s.cost_usd:.4f}"
+        + f"\n  rows ok {ok:,}, failed {failed:,} of {s.rows_total:,}; spent ${spent:.4f}"
+        + f"\n  this run: requests {s.requests_sent:,} ({s.rows_from_cache:,} rows from cache), 429s {s.rate_limited},"
+        + f" retries {s.retries}"
     )
     if result.output_path:
         summary += f"\n  output: {result.output_path}"
@@ -266,7 +274,7 @@ def status(job: str = typer.Argument(...), state_dir: Optional[Path] = StateDir,
         events = store.events(rec.id)[-5:]
         task = rec.spec["task"]
         endpoint = key_endpoint(task["provider"], task.get("base_url"))
-        mode = store.get_structured_mode(endpoint, task["model"]) if task.get("schema") else None
+        mode = store.get_structured_mode(mode_key(task["provider"], task.get("base_url")), task["model"]) if task.get("schema") else None
     finally:
         store.close()
     if as_json:

@@ -31,3 +31,9 @@ class JobBusy(BackfillError):
     """Another process holds the job's lease (it is running there)."""
 
     exit_code = 6
+
+
+class Interrupted(BackfillError):
+    """Stopped by Ctrl-C or SIGTERM before the job started (while waiting for its lease)."""
+
+    exit_code = 130

@@ -105,3 +105,4 @@ class Outcome:
     # A schema request's structured-output mode that produced this outcome; the engine persists a change.
     structured_mode: str | None = None
     quota: bool = False  # FATAL because the account's quota or credit is exhausted
+    code: str | None = None  # the error body's code or type, when it has one

@@ -16,10 +16,6 @@ class JobStatus(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
-    @property
-    def is_final(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.CANCELLED)
-
 
 class StopCause(str, enum.Enum):
     """Why a job stopped before it finished; stored beside the status."""

@@ -12,7 +12,7 @@ from backfill.engine.estimate import Estimate, estimate
 from backfill.engine.plan import Plan, make_plan
 from backfill.engine.runner import JobRunner, RunResult, lane_limits
 from backfill.engine.stats import JobStats
-from backfill.errors import BudgetExceeded, JobBusy
+from backfill.errors import BudgetExceeded, Interrupted, JobBusy
 from backfill.limits import LaneLimiter, LaneLimits
 from backfill.providers import open_provider
 from backfill.spec import JobSpec
@@ -103,6 +103,8 @@ async def run_job(
                 except JobBusy:
                     if not wait:
                         raise
+                    if runner.stopping:
+                        raise Interrupted(f"Stopped while waiting for job {plan.job_id}'s lease; nothing was sent.") from None
                     await asyncio.sleep(LEASE_POLL_S)
     finally:
         # A ledger that cannot be written has already failed the job with that sentence.

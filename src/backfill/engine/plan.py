@@ -114,6 +114,10 @@ class Plan:
         )
 
     @property
+    def mode_key(self) -> str:
+        return mode_key(self.spec.task.provider, self.spec.task.base_url)
+
+    @property
     def key_env(self) -> str | None:
         """The variable the API key comes from: the job's own, or the adapter's default."""
         return self.spec.task.api_key_env or get_provider(self.spec.task.provider).key_env
@@ -157,6 +161,12 @@ def request_key(
     differently, so the endpoint (deployment included) is in it; the structured-output mode is not,
     since it is how the schema travels, not what is asked."""
     return hashlib.sha256(_key_json([provider, endpoint, model, body, params, schema]).encode()).hexdigest()
+
+
+def mode_key(provider: str, base_url: str | None) -> str:
+    """What a structured-output mode is remembered by, with the model: the adapter and its endpoint
+    (one proxy may serve two protocols at one URL)."""
+    return f"{provider}|{key_endpoint(provider, base_url)}"
 
 
 def key_endpoint(provider: str, base_url: str | None) -> str:

@@ -102,12 +102,13 @@ def after_invalid_answer(invalid_attempts: int, reason: str, retries: RetrySpec)
     return DeadLetter(reason)
 
 
-def failure_signature(outcome: Outcome) -> tuple[OutcomeKind, int] | None:
-    """What makes two failures 'the same' for the early stop: their class and status. Not the message:
-    servers put each row's own figures in it (its token count, say), and it is not a code."""
-    # No response at all (a timeout, a reset) says nothing about the request: those stay transient.
-    if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.BAD_ROW) and outcome.status:
-        return outcome.kind, outcome.status
+def failure_signature(outcome: Outcome) -> tuple[OutcomeKind, int, str | None] | None:
+    """What makes two failures 'the same' for the early stop: their class, status and the error
+    body's code. Not the message: servers put each row's own figures in it (its token count, say)."""
+    # No response at all (a timeout, a reset) says nothing about the request, and an answer the
+    # model refused (a 2xx) is about its row: those never stop the job early.
+    if outcome.kind in (OutcomeKind.RETRY, OutcomeKind.BAD_ROW) and outcome.status >= 300:
+        return outcome.kind, outcome.status, outcome.code
     return None
 
 

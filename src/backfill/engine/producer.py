@@ -26,19 +26,21 @@ class Producer:
         *,
         todo: Callable[[int], bool],
         from_cache: Callable[[CachedResponse], RowResult],
-        rebuilt: dict[tuple[int, str], DeadLetter],
+        rebuild: set[int],
         use_cache: bool,
     ):
         self.plan, self.store, self.book, self.dispatcher = plan, store, book, dispatcher
         self._todo = todo  # whether chunk i still has to be written
         self._from_cache = from_cache
-        self._rebuilt = rebuilt  # dead letters of done chunks whose part is rebuilt, by (chunk, row id)
+        self._rebuild = rebuild  # done chunks whose part is missing: their dead letters are in the ledger
         self._use_cache = use_cache
 
     async def run(self) -> None:
         plan, dispatcher = self.plan, self.dispatcher
         # Sources yield batches of exactly `chunk_size` rows (the last may be shorter): one per chunk.
+        read = 0
         for index, batch in enumerate(plan.source.batches(plan.spec.chunk_size)):
+            read = index + 1
             if dispatcher.stopping:
                 return
             if self._todo(index):
@@ -50,13 +52,22 @@ class Producer:
                 # Yield so a chunk fully answered from the cache cannot starve the loop.
                 await asyncio.sleep(0)
                 await dispatcher.until_short()
+        if read != plan.chunks_total:
+            # A chunk that is never read would leave the job waiting for it for ever.
+            raise BackfillError(
+                f"The input changed while the job ran ({read:,} chunks read, {plan.chunks_total:,} planned); "
+                "restore it, or start a new job."
+            )
         dispatcher.all_produced()
 
     def _fill(self, chunk: Chunk) -> None:
         plan, book = self.plan, self.book
         requests: list[tuple[int, Request]] = []
+        dead_letters: dict[str, DeadLetter] = {}
+        if chunk.index in self._rebuild:
+            dead_letters = {d.row_id: d for d in self.store.chunk_dead_letters(plan.job_id, chunk.index)}
         for pos, row in enumerate(chunk.table.to_pylist()):
-            dead = self._rebuilt.get((chunk.index, str(chunk.row_ids[pos]))) if self._rebuilt else None
+            dead = dead_letters.get(str(chunk.row_ids[pos])) if dead_letters else None
             if dead is not None:
                 book.settle(chunk, pos, RowResult(False, error=dead.reason, raw=dead.raw))
                 continue

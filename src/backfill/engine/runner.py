@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
@@ -30,13 +31,14 @@ from backfill.limits import LaneLimiter, LaneLimits, Limiter
 from backfill.providers import Provider
 from backfill.request import Outcome, OutcomeKind
 from backfill.status import JobStatus, StopCause
-from backfill.store import CachedResponse, Store
+from backfill.store import CachedResponse, JobRecord, Store
 
 log = logging.getLogger("backfill")
 
 # A lease whose heartbeat stopped this long ago can be taken over by another process.
 LEASE_TTL_S = 30.0
 HEARTBEAT_S = 5.0
+ASSEMBLY_LEASE_S = 3600.0
 
 
 @dataclass
@@ -67,14 +69,24 @@ def lane_limits(spec: Any, provider: Provider) -> LaneLimits:
 
 
 def lease_holder() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """`pid@host/namespace-token`: unique per runner (two runs in one process are two holders), and
+    telling where the process lived, so that a dead one's lease can be taken over at once."""
+    return f"{os.getpid()}@{socket.gethostname()}/{_pid_namespace()}-{secrets.token_hex(4)}"
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _dead_here(holder: str) -> bool:
-    """Whether a lease's holder was a process on this host that no longer exists (killed, say): its
-    lease need not run out before the job is taken over."""
-    pid, _, host = holder.partition("@")
-    if host != socket.gethostname() or not pid.isdigit():
+    """Whether a lease's holder was a process on this host, in this PID namespace, that no longer
+    exists (killed, say): its lease need not run out before the job is taken over."""
+    pid, _, rest = holder.partition("@")
+    host, _, where = rest.partition("/")
+    if host != socket.gethostname() or where.partition("-")[0] != str(_pid_namespace()) or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)
@@ -109,10 +121,14 @@ class JobRunner:
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
         self._sends: set[asyncio.Task[None]] = set()
-        self._early: dict[tuple[OutcomeKind, int], int] = {}  # failures before any success, by signature
+        self._early: dict[tuple[OutcomeKind, int, str | None], int] = {}  # failures before any success, by signature
         self._error: BaseException | None = None
         self._lease_lost = False
         self._mode: str | None = None  # the structured-output mode schema requests go out in
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None
 
     @property
     def output_path(self) -> str:
@@ -137,32 +153,45 @@ class JobRunner:
         if holder is not None and _dead_here(holder):
             holder = store.try_lease(plan.job_id, self.holder, LEASE_TTL_S, take_over=holder)
         if holder is not None:
-            raise JobBusy(f"Job {plan.job_id} is already running in process {holder}; wait for it to finish, or pass --wait to wait here.")
+            shown = holder.partition("/")[0]
+            raise JobBusy(f"Job {plan.job_id} is already running in process {shown}; wait for it to finish, or pass --wait to wait here.")
         try:
-            store.set_totals(plan.job_id, plan.rows_total, plan.chunks_total)
-            store.set_status(plan.job_id, JobStatus.RUNNING)
-            self._restore_structured_mode()
-            s = self.stats
-            s.cost_usd, s.rows_ok, s.rows_failed, s.rows_before = job.spent_usd, job.rows_ok, job.rows_failed, job.rows_done
-            s.requests_before, s.rate_limited_before = job.requests, job.rate_limited
-            done = store.done_chunks(plan.job_id)
-            rebuild = set() if self._sink.is_finalized(plan.chunks_total) else {i for i in done if not self._sink.part_path(i).exists()}
-            book = self._book = ChunkBook(plan, store, self._sink, s, self._decoder, limit=self._open_chunks, left=plan.chunks_total - len(done) + len(rebuild))
-            rebuilt = {(d.chunk_index, d.row_id): d for d in store.dead_letters(plan.job_id) if d.chunk_index in rebuild} if rebuild else {}
-            producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuilt=rebuilt, use_cache=self._use_cache)
             try:
-                async with asyncio.TaskGroup() as tg:
-                    workers = [tg.create_task(producer.run()), tg.create_task(self.dispatcher.run(lambda c: self._spawn(tg, c))), tg.create_task(self._watch())]
-                    await self._until_end()
-                    if self._stop is not None and not self._stop.hard and self._sends:
-                        await asyncio.wait(list(self._sends), timeout=self.spec.task.timeout_s + 5)
-                    for t in [*workers, *self._sends]:
-                        t.cancel()
+                await self._run(job)
             except* Exception as group:
                 self._error = group.exceptions[0]
             return self._finish()
+        except asyncio.CancelledError:
+            # The caller gave up on the run (a notebook's interrupt, a timeout around it): record it.
+            self.stop(JobStatus.PAUSED, f"interrupted; run `backfill resume {plan.job_id}` to continue", cause=StopCause.INTERRUPT, hard=True)
+            self._finish()
+            raise
         finally:
-            store.release_lease(plan.job_id, self.holder)
+            try:
+                store.release_lease(plan.job_id, self.holder)
+            except Exception as e:  # a ledger that cannot be written has failed the job already
+                log.debug("could not release the lease of job %s", plan.job_id, exc_info=e)
+
+    async def _run(self, job: JobRecord) -> None:
+        plan, store, s = self.plan, self.store, self.stats
+        store.set_totals(plan.job_id, plan.rows_total, plan.chunks_total)
+        store.set_status(plan.job_id, JobStatus.RUNNING)
+        self._restore_structured_mode()
+        done = store.done_chunks(plan.job_id)
+        rebuild = set() if self._sink.is_finalized(plan.chunks_total) else {i for i in done if not self._sink.part_path(i).exists()}
+        # Rows of chunks rebuilt (their part is gone) are counted again as they settle.
+        again_ok, again_failed = store.chunk_rows(plan.job_id, rebuild)
+        s.cost_usd, s.rows_ok, s.rows_failed = job.spent_usd, job.rows_ok - again_ok, job.rows_failed - again_failed
+        s.rows_before, s.requests_before, s.rate_limited_before = s.rows_done, job.requests, job.rate_limited
+        book = self._book = ChunkBook(plan, store, self._sink, s, self._decoder, limit=self._open_chunks, left=plan.chunks_total - len(done) + len(rebuild))
+        producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache)
+        async with asyncio.TaskGroup() as tg:
+            workers = [tg.create_task(producer.run()), tg.create_task(self.dispatcher.run(lambda c: self._spawn(tg, c))), tg.create_task(self._watch())]
+            await self._until_end()
+            if self._stop is not None and not self._stop.hard and self._sends:
+                await asyncio.wait(list(self._sends), timeout=self.spec.task.timeout_s + 5)
+            for t in [*workers, *self._sends]:
+                t.cancel()
 
     def _spawn(self, tg: asyncio.TaskGroup, coro: Coroutine[Any, Any, None]) -> None:
         task = tg.create_task(coro)
@@ -180,11 +209,15 @@ class JobRunner:
     def _finish(self) -> RunResult:
         plan, store = self.plan, self.store
         status, reason, cause = JobStatus.SUCCEEDED, None, None
+        book = getattr(self, "_book", None)
         try:
             store.flush()
-            store.add_request_counts(plan.job_id, *self._book.counts_not_committed())
-            self._book.mark_counted()
-            if self._error is None and self._stop is None and self._book.all_done.is_set():
+            if book is not None:
+                store.add_request_counts(plan.job_id, *book.counts_not_committed())
+                book.mark_counted()
+            if self._error is None and self._stop is None and book is not None and book.all_done.is_set():
+                # Assembling a large output takes a while, and the heartbeat has stopped: hold the lease for it.
+                store.heartbeat(plan.job_id, self.holder, ASSEMBLY_LEASE_S)
                 self._sink.finalize(plan.chunks_total)
         except Exception as e:  # the ledger or the disk failed while closing: the job failed, committed work stays
             self._error = self._error or e
@@ -225,15 +258,18 @@ class JobRunner:
         """Schema requests start in the mode this endpoint and model last worked in, not with a rejection."""
         if self.spec.task.schema_ is None:
             return
-        mode = self.store.get_structured_mode(self.plan.endpoint, self.spec.task.model)
+        mode = self.store.get_structured_mode(self.plan.mode_key, self.spec.task.model)
         if mode is not None:
-            self.provider.use_structured_mode(mode)
+            try:
+                self.provider.use_structured_mode(mode)
+            except ValueError:  # not a mode of this adapter (a newer backfill wrote it): start from the first
+                pass
         current = self.provider.structured_mode
         self._mode = None if current is None else str(current.value)
 
     def _note_structured_mode(self, mode: str) -> None:
         self._mode = mode
-        self.store.set_structured_mode(self.plan.endpoint, self.spec.task.model, mode)
+        self.store.set_structured_mode(self.plan.mode_key, self.spec.task.model, mode)
         self.store.add_event(self.plan.job_id, "structured_mode", f"the server takes structured output as {mode}")
 
     def _budget_stop(self) -> None:
@@ -251,14 +287,14 @@ class JobRunner:
         if not tokens.loaded() and self.limiter.counts_tokens():
             tokens.load_in_background()
         rows, kind = send.rows, outcome.kind
-        if outcome.structured_mode is not None and outcome.structured_mode != self._mode:
-            self._note_structured_mode(outcome.structured_mode)
         self.dispatcher.breaker.record(kind is OutcomeKind.RETRY)
         if kind is OutcomeKind.RATE_LIMITED:
             self.stats.rate_limited += 1
             self.limiter.rate_limited(send.ticket, retry_after=outcome.retry_after, rate=outcome.rate)
         else:
             self.limiter.release(send.ticket, usage=outcome.usage, rate=outcome.rate, success=kind is OutcomeKind.OK)
+        if outcome.structured_mode is not None and outcome.structured_mode != self._mode:
+            self._note_structured_mode(outcome.structured_mode)
         if kind is OutcomeKind.OK:
             self.stats.requests_ok += 1
             self._accept(rows, outcome)
@@ -316,8 +352,8 @@ class JobRunner:
             share = cost / len(rows)
             for r, vector in zip(rows, outcome.embeddings or []):
                 response = CachedResponse(None, vector, r.request.prompt_tokens, 0, 0, share)
-                self.store.put_response(self.plan.job_id, r.request.key, response)
-                self._resolve(r, RowResult(True, vector, input_tokens=response.input_tokens, cost_usd=share))
+                self.store.put_response(self.plan.job_id, r.request.key, response, replace=not self._use_cache)
+                self._resolve(r, RowResult(True, vector, input_tokens=response.input_tokens, cost_usd=r.paid_usd + share))
             return
         row = rows[0]
         row.paid_usd += cost
@@ -332,7 +368,7 @@ class JobRunner:
             else:
                 self._resolve(row, RowResult(False, error=decision.reason, raw=outcome.text, input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=row.paid_usd))
             return
-        self.store.put_response(self.plan.job_id, row.request.key, response)
+        self.store.put_response(self.plan.job_id, row.request.key, response, replace=not self._use_cache)
         self._resolve(row, RowResult(True, decoded.answer, input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=row.paid_usd))
 
     def _from_cache(self, response: CachedResponse) -> RowResult:

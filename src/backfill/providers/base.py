@@ -287,7 +287,7 @@ class Provider(abc.ABC):
         kind, error = self._classify(reply.status, err, model)
         return Outcome(
             kind, status=reply.status, error=error, retry_after=parse_retry_after(reply.headers),
-            quota=_out_of_quota(reply.status, err),
+            quota=_out_of_quota(reply.status, err), code=err.code or err.type,
         )
 
     def _classify(self, status: int, err: ErrorFields, model: str) -> tuple[OutcomeKind, str]:

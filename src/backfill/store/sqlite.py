@@ -117,6 +117,7 @@ class Store:
             self._db.close()
             raise
         self._pending: list[tuple[Any, ...]] = []
+        self._pending_replace: list[tuple[Any, ...]] = []
         self._pending_spend: dict[str, _Spend] = {}
         self._flush_scheduled = False
         # The error of the last failed commit, kept until a commit succeeds; see flush().
@@ -130,12 +131,16 @@ class Store:
 
     # --- the response cache -------------------------------------------------
 
-    def put_response(self, job_id: str, request_key: str, response: CachedResponse, *, scope: str = "") -> None:
+    def put_response(
+        self, job_id: str, request_key: str, response: CachedResponse, *, scope: str = "", replace: bool = False
+    ) -> None:
         """Record an answer in `scope`'s cache and what `job_id` paid for it; committed at the end of this loop tick.
 
-        Raises the last commit's StoreError while the ledger cannot be written (the answer stays queued).
+        `replace` overwrites an answer another job paid for (a job run without the cache), so that
+        the answer this job paid for is its own when it resumes. Raises the last commit's StoreError
+        while the ledger cannot be written (the answer stays queued).
         """
-        self._pending.append(
+        (self._pending_replace if replace else self._pending).append(
             (
                 scope,
                 request_key,
@@ -187,13 +192,15 @@ class Store:
         flush tries again (and clears `self.failed` when it succeeds), so nothing billed is dropped.
         """
         self._flush_scheduled = False
-        if not self._pending and not self._pending_spend:
+        if not self._pending and not self._pending_replace and not self._pending_spend:
             self.failed = None
             return
         now = time.time()
         try:
             with self._transaction():
                 self._db.executemany(_CACHE_INSERT, self._pending)
+                if self._pending_replace:
+                    self._db.executemany(_CACHE_INSERT.replace("OR IGNORE", "OR REPLACE"), self._pending_replace)
                 for job_id, s in self._pending_spend.items():
                     self._db.execute(
                         "UPDATE jobs SET spent_usd = spent_usd + ?, input_tokens = input_tokens + ?,"
@@ -205,13 +212,26 @@ class Store:
             raise
         # Cleared only after the commit: a failed one keeps every row for the next try.
         self._pending = []
+        self._pending_replace = []
         self._pending_spend = {}
         self.failed = None
+
+    def _queued_responses(self, keys: list[str], scope: str, paid_by: str | None) -> dict[str, CachedResponse]:
+        """Answers queued for this tick's commit: a lookup in that window must not send (and pay for) them again."""
+        queued = self._pending + self._pending_replace
+        if not queued:
+            return {}
+        wanted = set(keys)
+        return {
+            row[1]: CachedResponse(row[3], _unpack(row[4]), row[5], row[6], row[7], row[8])
+            for row in queued
+            if row[1] in wanted and row[0] == scope and (paid_by is None or row[2] == paid_by)
+        }
 
     def get_responses(self, keys: Iterable[str], *, scope: str = "", paid_by: str | None = None) -> dict[str, CachedResponse]:
         """The answers cached in `scope` among `keys`; with `paid_by`, only those that job paid for."""
         keys = list(dict.fromkeys(keys))
-        found: dict[str, CachedResponse] = {}
+        found = self._queued_responses(keys, scope, paid_by)
         only_job = "" if paid_by is None else " AND job_id = ?"
         for i in range(0, len(keys), 500):
             part = keys[i : i + 500]
@@ -405,6 +425,27 @@ class Store:
                 " rate_limited = rate_limited + ?, updated = ? WHERE id = ?",
                 (d_ok, d_failed, requests, rate_limited, now, job_id),
             )
+
+    def chunk_rows(self, job_id: str, chunk_indexes: Iterable[int]) -> tuple[int, int]:
+        """Rows ok and failed that the ledger counts for these done chunks."""
+        ok = failed = 0
+        for index in chunk_indexes:
+            row = self._db.execute(
+                "SELECT rows_ok, rows_failed FROM chunks WHERE job_id = ? AND chunk_index = ?", (job_id, index)
+            ).fetchone()
+            if row is not None:
+                ok, failed = ok + row[0], failed + row[1]
+        return ok, failed
+
+    def chunk_dead_letters(self, job_id: str, chunk_index: int) -> list[DeadLetter]:
+        """One chunk's dead letters (a rebuilt chunk's rows that failed keep their reasons)."""
+        return [
+            DeadLetter(*r)
+            for r in self._db.execute(
+                "SELECT row_id, chunk_index, reason, raw FROM dead_letters WHERE job_id = ? AND chunk_index = ?",
+                (job_id, chunk_index),
+            )
+        ]
 
     def dead_letters(self, job_id: str, limit: int | None = None) -> list[DeadLetter]:
         sql = "SELECT row_id, chunk_index, reason, raw FROM dead_letters WHERE job_id = ? ORDER BY chunk_index, rowid"
