@@ -22,7 +22,7 @@ from backfill.engine.chunks import ChunkBook, RowResult
 from backfill.engine.decoder import AnswerDecoder
 from backfill.engine.dispatch import Dispatcher, Row, Send, read_ahead
 from backfill.engine.plan import Plan
-from backfill.engine.policy import Accept, DeadLetter, Fatal, Requeue, Retry, after_invalid_answer, backoff_s, decide, failure_signature
+from backfill.engine.policy import Accept, DeadLetter, Fatal, Requeue, Retry, after_invalid_answer, decide, failure_signature
 from backfill.engine.producer import Producer
 from backfill.engine.stats import JobStats
 from backfill.errors import BackfillError, JobBusy
@@ -295,6 +295,9 @@ class JobRunner:
             self.limiter.release(send.ticket, usage=outcome.usage, rate=outcome.rate, success=kind is OutcomeKind.OK)
         if outcome.structured_mode is not None and outcome.structured_mode != self._mode:
             self._note_structured_mode(outcome.structured_mode)
+        if kind is OutcomeKind.OK and self.plan.is_embedding and len(outcome.embeddings or []) != len(rows):
+            outcome = replace(outcome, kind=OutcomeKind.RETRY, error="malformed response: wrong number of embeddings")
+            kind = outcome.kind
         if kind is OutcomeKind.OK:
             self.stats.requests_ok += 1
             self._accept(rows, outcome)
@@ -322,40 +325,32 @@ class JobRunner:
         elif isinstance(decision, DeadLetter):
             self._resolve(row, RowResult(False, error=decision.reason, cost_usd=row.paid_usd))
 
-    def _bill(self, rows: list[Row], outcome: Outcome) -> float:
-        """Count an answer the provider billed but that is not cached; returns its cost."""
+    def _charge(self, outcome: Outcome) -> float:
+        """Count what an answer was billed in this run's figures; returns its cost."""
         u = outcome.usage
-        if not (u.input_tokens or u.output_tokens):
-            return 0.0
         cost = self.plan.cost(u.input_tokens, u.output_tokens, u.cached_tokens)
         self.stats.input_tokens += u.input_tokens
         self.stats.output_tokens += u.output_tokens
         self.stats.cost_usd += cost
+        return cost
+
+    def _bill(self, rows: list[Row], outcome: Outcome) -> None:
+        """Record an answer the provider billed that is not cached (refused with usage, invalid, malformed)."""
+        u = outcome.usage
+        if not (u.input_tokens or u.output_tokens):
+            return
+        cost = self._charge(outcome)
         self.store.add_spend(self.plan.job_id, cost, u.input_tokens, u.output_tokens)
         for r in rows:
             r.paid_usd += cost / len(rows)
-        return cost
 
     def _accept(self, rows: list[Row], outcome: Outcome) -> None:
-        u = outcome.usage
-        if self.plan.is_embedding and len(outcome.embeddings or []) != len(rows):
-            self._bill(rows, outcome)
-            for r in rows:
-                self._act(r, Retry(backoff_s(r.attempts + 1, self.spec.retries)) if r.attempts + 1 < self.spec.retries.max_attempts
-                          else DeadLetter("malformed response: wrong number of embeddings"))
-            return
-        cost = self.plan.cost(u.input_tokens, u.output_tokens, u.cached_tokens)
-        self.stats.input_tokens += u.input_tokens
-        self.stats.output_tokens += u.output_tokens
-        self.stats.cost_usd += cost
         if self.plan.is_embedding:
-            share = cost / len(rows)
-            for r, vector in zip(rows, outcome.embeddings or []):
-                response = CachedResponse(None, vector, r.request.prompt_tokens, 0, 0, share)
-                self.store.put_response(self.plan.job_id, r.request.key, response, replace=not self._use_cache)
-                self._resolve(r, RowResult(True, vector, input_tokens=response.input_tokens, cost_usd=r.paid_usd + share))
+            self._accept_embeddings(rows, outcome)
             return
+        u = outcome.usage
         row = rows[0]
+        cost = self._charge(outcome)
         row.paid_usd += cost
         response = CachedResponse(outcome.text, None, u.input_tokens, u.output_tokens, u.cached_tokens, cost)
         decoded = self._decoder.decode(response)
@@ -370,6 +365,19 @@ class JobRunner:
             return
         self.store.put_response(self.plan.job_id, row.request.key, response, replace=not self._use_cache)
         self._resolve(row, RowResult(True, decoded.answer, input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=row.paid_usd))
+
+    def _accept_embeddings(self, rows: list[Row], outcome: Outcome) -> None:
+        vectors = outcome.embeddings or []
+        cost = self._charge(outcome)
+        # The pack's billed tokens and cost, split by each row's share of its prompt tokens.
+        weights = [max(r.request.prompt_tokens, 1) for r in rows]
+        total = sum(weights)
+        billed = outcome.usage.input_tokens
+        for r, vector, w in zip(rows, vectors, weights):
+            share = cost * w / total
+            response = CachedResponse(None, vector, round(billed * w / total), 0, 0, share)
+            self.store.put_response(self.plan.job_id, r.request.key, response, replace=not self._use_cache)
+            self._resolve(r, RowResult(True, vector, input_tokens=response.input_tokens, cost_usd=r.paid_usd + share))
 
     def _from_cache(self, response: CachedResponse) -> RowResult:
         decoded = self._decoder.decode(response)

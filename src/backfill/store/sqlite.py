@@ -466,6 +466,10 @@ class Store:
     # --- plumbing ------------------------------------------------------------
 
     def _write_error(self, e: sqlite3.Error) -> StoreError:
+        if getattr(e, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+            return StoreError(
+                f"The ledger at {self.path} stayed locked by another process ({e}); let it finish, then resume."
+            )
         return StoreError(
             f"The ledger at {self.path} could not be written ({e}); free disk space or check the file, then resume."
         )
