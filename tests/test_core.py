@@ -372,7 +372,6 @@ async def test_a_run_cancelled_by_its_caller_is_recorded_as_paused(tmp_path: Pat
 
 
 async def test_two_runs_of_one_job_in_one_process_are_one_runner(tmp_path: Path) -> None:
-    from backfill.errors import JobBusy
 
     async with Simulator(SimConfig(latency_s=0.05)) as sim:
         spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url, id_column="id")

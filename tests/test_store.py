@@ -407,3 +407,23 @@ async def test_a_failed_commit_in_the_tick_reaches_the_next_write(store: Store) 
     job = store.get_job("j1")
     assert job is not None and (job.spent_usd, job.answers) == (0.75, 2)
     assert set(store.get_responses(["k1"])) == {"k1"}
+
+
+def test_stores_opened_at_once_on_a_fresh_file_all_open(tmp_path: Path) -> None:
+    """The switch to WAL races between processes opening a new ledger; the loser must wait, not fail."""
+    errors: list[BaseException] = []
+    for n in range(20):
+        path = tmp_path / f"l{n}.db"
+
+        def open_close() -> None:
+            try:
+                Store(path).close()
+            except BaseException as e:  # noqa: BLE001 - the test collects what the threads raise
+                errors.append(e)
+
+        threads = [threading.Thread(target=open_close) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

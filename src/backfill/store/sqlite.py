@@ -102,6 +102,19 @@ def _unpack(blob: bytes | None) -> list[float] | None:
     return None if blob is None else np.frombuffer(blob, dtype=np.float32).tolist()
 
 
+def _use_wal(db: sqlite3.Connection, path: Path, attempts: int = 50) -> None:
+    """Switch a ledger to WAL. Processes opening a fresh file at once race for this switch, and SQLite
+    answers the loser "database is locked" at once, without its busy timeout: try again briefly."""
+    for attempt in range(attempts):
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "") != "SQLITE_BUSY" or attempt == attempts - 1:
+                raise StoreError(f"The ledger at {path} could not be opened ({e}); check the file, then run again.") from e
+            time.sleep(0.02)
+
+
 class Store:
     """The ledger of one state directory. Not shared between threads; many processes may open the same file."""
 
@@ -110,7 +123,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(self._db, self.path)
             self._db.execute("PRAGMA synchronous=NORMAL")
             migrate(self._db, self.path)
         except BaseException:
