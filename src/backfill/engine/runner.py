@@ -120,6 +120,7 @@ class JobRunner:
         )
         self._stop: _Stop | None = None
         self._stopped = asyncio.Event()
+        self._book: ChunkBook | None = None  # made when the run starts, from the ledger's done chunks
         self._sends: set[asyncio.Task[None]] = set()
         self._early: dict[tuple[OutcomeKind, int, str | None], int] = {}  # failures before any success, by signature
         self._error: BaseException | None = None
@@ -187,7 +188,7 @@ class JobRunner:
         producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache)
         async with asyncio.TaskGroup() as tg:
             workers = [tg.create_task(producer.run()), tg.create_task(self.dispatcher.run(lambda c: self._spawn(tg, c))), tg.create_task(self._watch())]
-            await self._until_end()
+            await self._until_end(book)
             if self._stop is not None and not self._stop.hard and self._sends:
                 await asyncio.wait(list(self._sends), timeout=self.spec.task.timeout_s + 5)
             for t in [*workers, *self._sends]:
@@ -198,8 +199,8 @@ class JobRunner:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
-    async def _until_end(self) -> None:
-        ends = [asyncio.ensure_future(self._book.all_done.wait()), asyncio.ensure_future(self._stopped.wait())]
+    async def _until_end(self, book: ChunkBook) -> None:
+        ends = [asyncio.ensure_future(book.all_done.wait()), asyncio.ensure_future(self._stopped.wait())]
         try:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -209,7 +210,7 @@ class JobRunner:
     def _finish(self) -> RunResult:
         plan, store = self.plan, self.store
         status, reason, cause = JobStatus.SUCCEEDED, None, None
-        book = getattr(self, "_book", None)
+        book = self._book
         try:
             store.flush()
             if book is not None:
@@ -395,6 +396,7 @@ class JobRunner:
     def _resolve(self, row: Row, result: RowResult) -> None:
         """Settle a row and every row that waited on the same request (those paid nothing)."""
         book = self._book
+        assert book is not None  # rows exist only once the run has made its book
         book.settle(row.chunk, row.pos, result)
         for other in self.dispatcher.waiting.pop(row.request.key, ()):
             book.settle(other.chunk, other.pos, replace(result, cost_usd=0.0, cached=True))
