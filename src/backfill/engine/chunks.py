@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from backfill.engine.decoder import AnswerDecoder
+from backfill.engine.decoder import MISFITS, AnswerDecoder
 from backfill.engine.plan import Plan
 from backfill.engine.stats import JobStats
 from backfill.io import Sink
@@ -88,13 +88,11 @@ class ChunkBook:
             for rid, res in zip(chunk.row_ids, chunk.results)
             if res is not None and not res.ok
         ]
-        stats = self.stats
-        requests, limited = stats.requests_sent - self._requests_counted, stats.rate_limited - self._rate_limited_counted
+        requests, limited = self.counts_not_committed()
         self.store.mark_chunk_done(
             self.plan.job_id, chunk.index, len(chunk.row_ids) - len(dead), dead, requests=requests, rate_limited=limited
         )
-        self._requests_counted += requests
-        self._rate_limited_counted += limited
+        self.mark_counted()
         self._slots.release()
         self.left -= 1
         if self.left == 0:
@@ -111,7 +109,7 @@ class ChunkBook:
         results: list[RowResult] = [r for r in chunk.results if r is not None]
         try:
             answers = self.decoder.columns([r.answer if r.ok else None for r in results])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+        except MISFITS:
             # A value that does not fit its column (a number beyond int64) is that row's dead letter.
             for r in results:
                 why = self.decoder.misfit(r.answer) if r.ok else None

@@ -16,6 +16,10 @@ from backfill.io import output_table
 from backfill.store import CachedResponse
 
 
+# What pyarrow raises for a value that does not fit its column's type.
+MISFITS = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError)
+
+
 @dataclass(slots=True)
 class Decoded:
     ok: bool
@@ -60,7 +64,7 @@ class AnswerDecoder:
                     output_table([answer], [f])
                 else:
                     pa.array([answer], type=f.type)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError, ValueError):
+            except MISFITS:
                 value = answer.get(f.name) if structured else answer
                 return f"invalid output: {f.name} = {str(value)[:40]} does not fit the column's type {f.type}"
         return None

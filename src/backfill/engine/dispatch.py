@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from backfill.engine.breaker import CircuitBreaker
@@ -43,7 +43,7 @@ class Send:
 
     rows: list[Row]
     ticket: Any
-    estimate: float = field(default=0.0)
+    estimate: float = 0.0
 
 
 class Dispatcher:
@@ -119,7 +119,7 @@ class Dispatcher:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    async def run(self, spawn: Callable[[Coroutine[Any, Any, None]], Awaitable[None] | Any]) -> None:
+    async def run(self, spawn: Callable[[Coroutine[Any, Any, None]], None]) -> None:
         plan = self.plan
         embedding = plan.is_embedding
         always_count = embedding or plan.spec.budget.usd is not None  # packing and budgets need token counts

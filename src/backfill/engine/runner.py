@@ -22,7 +22,7 @@ from backfill.engine.chunks import ChunkBook, RowResult
 from backfill.engine.decoder import AnswerDecoder
 from backfill.engine.dispatch import Dispatcher, Row, Send, read_ahead
 from backfill.engine.plan import Plan
-from backfill.engine.policy import Accept, DeadLetter, Fatal, Requeue, Retry, after_invalid_answer, decide, failure_signature
+from backfill.engine.policy import DeadLetter, Decision, Fatal, Requeue, Retry, after_invalid_answer, decide, failure_signature
 from backfill.engine.producer import Producer
 from backfill.engine.stats import JobStats
 from backfill.errors import BackfillError, JobBusy
@@ -315,7 +315,8 @@ class JobRunner:
                 return
             self._act(row, decision)
 
-    def _act(self, row: Row, decision: Requeue | Retry | DeadLetter | Accept) -> None:
+    def _act(self, row: Row, decision: Decision) -> None:
+        """Carry out a decision for one row (Fatal is the caller's: it stops the whole job)."""
         if isinstance(decision, Requeue):
             row.solo = row.solo or decision.solo
             self.dispatcher.requeue(row)

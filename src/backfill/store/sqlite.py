@@ -441,13 +441,15 @@ class Store:
 
     def chunk_rows(self, job_id: str, chunk_indexes: Iterable[int]) -> tuple[int, int]:
         """Rows ok and failed that the ledger counts for these done chunks."""
+        wanted = set(chunk_indexes)
+        if not wanted:
+            return 0, 0
         ok = failed = 0
-        for index in chunk_indexes:
-            row = self._db.execute(
-                "SELECT rows_ok, rows_failed FROM chunks WHERE job_id = ? AND chunk_index = ?", (job_id, index)
-            ).fetchone()
-            if row is not None:
-                ok, failed = ok + row[0], failed + row[1]
+        for index, rows_ok, rows_failed in self._db.execute(
+            "SELECT chunk_index, rows_ok, rows_failed FROM chunks WHERE job_id = ?", (job_id,)
+        ):
+            if index in wanted:
+                ok, failed = ok + rows_ok, failed + rows_failed
         return ok, failed
 
     def chunk_dead_letters(self, job_id: str, chunk_index: int) -> list[DeadLetter]:
