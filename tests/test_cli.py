@@ -80,6 +80,7 @@ async def test_ctrl_c_keeps_answers_and_resume_finishes(tmp_path: Path, rows_par
         assert "interrupted" in err.decode()
         answered = len(sim.log)
         job_id = err.decode().split("job ")[1].split(":")[0]
+        assert f"backfill resume {job_id}" in err.decode()  # the hint names the job
         resumed = await run_cli("resume", job_id, "--state-dir", str(state), "--quiet")
         assert resumed.returncode == 0, resumed.stderr
         assert sim.log.duplicates() == {}  # graceful stop: every answer in flight was kept

@@ -191,7 +191,7 @@ def test_jsonl_fields_unified_across_blocks(tmp_path: Path, monkeypatch: pytest.
 def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"a": 1}\n{"a": oops}\n')
-    with pytest.raises(SpecError, match="JSON Lines near line 1"):
+    with pytest.raises(SpecError, match="JSON Lines: line 2 is not one JSON object"):
         open_source(bad).num_rows()
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"a": 1}\n' * 10 + '{"a": "one"}\n')

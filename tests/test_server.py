@@ -29,6 +29,8 @@ from backfill.server.db import ServerDB
 from backfill.server.webhooks import SIGNATURE_HEADER, verify
 
 SECRET_KEY = "sk-test-SECRET-never-shown-4242"
+# The server's own secret key (Fernet), which provider keys are encrypted with at rest.
+FERNET_KEY = "Xn3bq7Vt8dQ0w2m5k1Lr9sYhZc4uJpAeTgFiOoBvNlM="
 
 
 @dataclass
@@ -62,6 +64,7 @@ def live_server(data_dir: Path, **config: Any) -> Iterator[Live]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
+    config.setdefault("secret_keys", [FERNET_KEY])
     server = uvicorn.Server(uvicorn.Config(create_app(ServerConfig(data_dir=data_dir, **config)), log_level="warning", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -111,7 +114,7 @@ def inputs(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def server(tmp_path: Path, inputs: Path) -> Iterator[Live]:
-    with live_server(tmp_path / "data", allow_dirs=[inputs], webhook_backoff_s=0.1) as live:
+    with live_server(tmp_path / "data", allow_dirs=[inputs], webhook_backoff_s=0.1, webhook_allow=["127.0.0.0/8"]) as live:
         yield live
 
 
@@ -158,9 +161,10 @@ def test_isolation_roles_and_credentials(server: Live) -> None:
     # a provider key goes in and never comes out
     r = op.post("/credentials", json={"name": "team", "provider": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": SECRET_KEY})
     assert r.status_code == 201 and SECRET_KEY not in r.text
-    for client in (alice, op):
-        listed = client.get("/credentials")
-        assert listed.json() == [{"name": "team", "provider": "openai", "base_url": "http://127.0.0.1:9/v1"}]
+    assert alice.get("/credentials").json() == []  # not granted to her yet
+    assert op.put("/credentials/team/users/alice").status_code == 200
+    assert alice.get("/credentials").json() == [{"name": "team", "provider": "openai", "base_url": None, "cache": "per user", "users": None}]
+    assert op.get("/credentials").json() == [{"name": "team", "provider": "openai", "base_url": "http://127.0.0.1:9/v1", "cache": "per user", "users": ["alice"]}]
     for path in ("/me", "/jobs", "/overview", "/users", "/lanes", "/metrics", "/openapi.json"):
         assert SECRET_KEY not in op.get(path).text, path
 
@@ -311,9 +315,10 @@ def test_pause_resume_cancel_and_quotas(server: Live, inputs: Path) -> None:
     assert alice.post(f"/jobs/{first}/cancel").status_code == 409
 
     metrics = op.get("/metrics").text
-    assert f'backfill_requests_total{{job="{first}"' in metrics
+    assert f'job="{first}"' not in metrics  # a job's own series go when its run ends; the user's totals stay
+    assert any(line.startswith("backfill_user_requests_total{") and 'user="alice"' in line for line in metrics.splitlines())
     assert "backfill_request_latency_seconds_bucket" in metrics and "backfill_queue_depth" in metrics
-    assert 'backfill_cost_usd_total{job="' in metrics
+    assert any(line.startswith("backfill_user_cost_usd_total{") and 'user="alice"' in line for line in metrics.splitlines())
 
 
 async def test_webhooks_signed_and_retried(server: Live) -> None:
@@ -373,6 +378,7 @@ def test_logs_are_json_with_ids_and_no_secrets(tmp_path: Path, inputs: Path, cap
     with live_server(tmp_path / "data", allow_dirs=[inputs]) as live:
         op, alice = live.client("op"), live.client("alice")
         op.post("/credentials", json={"name": "team", "provider": "sim", "api_key": SECRET_KEY})
+        op.put("/credentials/team/users/alice")
         job = alice.post("/jobs", json={"spec": chat_spec("rows.parquet"), "credential": "team"}).json()["id"]
         wait_for(alice, job, ("succeeded",))
     err = capfd.readouterr().err

@@ -61,6 +61,7 @@ async def test_lane_split_follows_user_weights(tmp_path: Path, weights: tuple[in
                 r = await op.post("/credentials", json={"name": "team", "provider": "sim", "base_url": sim.base_url, "api_key": "team-key"})
                 assert r.status_code == 201
                 for user, weight in zip(("alice", "bob"), weights):
+                    assert (await op.put(f"/credentials/team/users/{user}")).status_code == 200
                     assert (await op.patch(f"/users/{user}", json={"weight": weight})).status_code == 200
                 jobs = {}
                 for user, client in (("alice", alice), ("bob", bob)):

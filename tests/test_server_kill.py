@@ -4,6 +4,7 @@ finishes with every row exactly once, and no answer is paid twice beyond those i
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -29,8 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The server's secret key (Fernet) for the provider key stored at rest.
+ENV = {**os.environ, "BACKFILL_SECRET_KEY": "Xn3bq7Vt8dQ0w2m5k1Lr9sYhZc4uJpAeTgFiOoBvNlM="}
+
+
 def cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "backfill.server", *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-m", "backfill.server", *args], capture_output=True, text=True, timeout=60, env=ENV)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -40,7 +45,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["serve", "--data-dir", str(data_dir), "--allow-dir", str(allow), "--port", str(self.port)]
-        self.proc = subprocess.Popen([sys.executable, "-m", "backfill.server", *args], stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
+        self.proc = subprocess.Popen([sys.executable, "-m", "backfill.server", *args], stdout=subprocess.DEVNULL, stderr=open(log, "ab"), env=ENV)
 
     async def started(self, token: str) -> None:
         deadline = time.monotonic() + 30
@@ -82,6 +87,7 @@ async def test_kill_and_sigterm_then_restart_finish_the_job_exactly_once(tmp_pat
             async with httpx.AsyncClient(base_url=first.url, headers={"Authorization": f"Bearer {op}"}) as c:
                 r = await c.post("/credentials", json={"name": "team", "provider": "sim", "base_url": sim.base_url, "api_key": "k"})
                 assert r.status_code == 201
+                assert (await c.put("/credentials/team/users/alice")).status_code == 200
             spec = {
                 "input": {"path": "rows.parquet", "id_column": "id"},
                 "task": {"model": "gpt-4o-mini", "prompt": "Row {{ id }}: {{ text }}", "params": {"max_tokens": 20}},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -17,10 +18,35 @@ import jsonschema
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from backfill.cost import PriceTable
+from backfill.durations import parse_duration
 from backfill.errors import SpecError
+from backfill.options import MODEL, OPTIONS, Kind, Option, check_keywords
+
+# An input or output path meaning standard input / output.
+STDIO = "-"
+
+# Keys of a request that backfill writes itself: in task.params they would run a different model,
+# inject messages or multiply the answers behind the job's back (issue 13 item 2).
+RESERVED_PARAMS: dict[str, str] = {
+    "model": "task.model (--model)",
+    "messages": "task.prompt / task.messages (--prompt)",
+    "input": "the input table (--input) and task.prompt",
+    "system": "task.system (--system)",
+    "response_format": "task.schema (--schema)",
+    "n": "one job per answer wanted (each row gets one answer)",
+    "stream": "nothing (answers are read whole)",
+    "tools": "task.schema (--schema) for structured output",
+    "tool_choice": "task.schema (--schema) for structured output",
+}
+# Deeper than this, a schema is refused: validating or walking it could exhaust the stack.
+MAX_SCHEMA_DEPTH = 32
+# The longest a single request may take; beyond it timers overflow.
+MAX_TIMEOUT_S = 86400.0
+
 
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InputSpec(_Part):
@@ -42,12 +68,20 @@ class TaskSpec(_Part):
     params: dict[str, Any] = Field(default_factory=dict, description="temperature, max_tokens, seed, top_p, stop, ...")
     schema_: dict[str, Any] | None = Field(None, alias="schema", description="JSON Schema of the structured output.")
     schema_name: str = "output"
-    timeout_s: float = Field(60.0, gt=0)
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds per request (at most a day).")
     context_tokens: int | None = Field(
         None, gt=0, description="Tokens the model accepts (prompt + output); default: the built-in table, by model."
     )
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
+
+    @field_validator("params")
+    @classmethod
+    def _no_reserved_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if key in RESERVED_PARAMS:
+                raise ValueError(f"'{key}' is set by backfill and cannot be a request parameter; use {RESERVED_PARAMS[key]} instead")
+        return value
 
     @model_validator(mode="after")
     def _one_template(self) -> TaskSpec:
@@ -64,6 +98,7 @@ class TaskSpec(_Part):
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return None
+        _check_schema_shape(value)
         try:
             jsonschema.Draft202012Validator.check_schema(value)
         except jsonschema.SchemaError as e:
@@ -121,6 +156,14 @@ class JobSpec(_Part):
     chunk_size: int = Field(500, ge=1, description="Rows per chunk, the unit of commit.")
     owner: str = "local"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _finite_numbers(cls, data: Any) -> Any:
+        where = _non_finite(data)
+        if where is not None:
+            raise SpecError(f"Job spec field '{where}' is NaN or infinite; give a finite number.")
+        return data
+
     def answer_fingerprint(self) -> str:
         """Hash of what decides the answers; part of the job id so a changed prompt is a new job."""
         t = self.task
@@ -131,6 +174,90 @@ class JobSpec(_Part):
         """Stable id: the same command over the same input resumes the same job."""
         parts = [self.answer_fingerprint(), input_fingerprint, self.input.id_column, self.output.path, self.output.columns, self.chunk_size]
         return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def _non_finite(data: Any) -> str | None:
+    """The key path of the first NaN or infinite number in a nested structure (a spec as given), else None."""
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:  # iterative: a spec nested thousands deep must get its sentence, not a RecursionError
+        where, value = todo.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            return where or "job"
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+        todo.extend((f"{where}.{k}" if where else str(k), v) for k, v in items)
+    return None
+
+
+def _check_schema_shape(schema: dict[str, Any]) -> None:
+    """Refuse a schema nested deeper than MAX_SCHEMA_DEPTH or whose local $refs form a cycle (never recurse forever)."""
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:  # iterative, so a deep schema cannot exhaust Python's stack here
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels; flatten it")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    _check_ref_cycles(schema)
+
+
+def _resolve_ref(schema: dict[str, Any], ref: str) -> Any:
+    node: Any = schema
+    for part in ref.removeprefix("#").strip("/").split("/") if ref.strip("#/") else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _direct_refs(node: Any) -> list[str]:
+    """The local $refs a schema node *is* (itself or through allOf/anyOf/oneOf), not those under properties or items."""
+    if not isinstance(node, dict):
+        return []
+    found = [node["$ref"]] if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#") else []
+    for key in ("allOf", "anyOf", "oneOf"):
+        subs = node.get(key)
+        found += [r for sub in subs for r in _direct_refs(sub)] if isinstance(subs, list) else []
+    return found
+
+
+def _check_ref_cycles(schema: dict[str, Any]) -> None:
+    """A $ref cycle that no object or array breaks (`a` is `b`, `b` is `a`) can never be satisfied nor expanded."""
+    edges: dict[str, list[str]] = {}
+    todo = [r for node in _nodes(schema) for r in _direct_refs(node)]
+    while todo:
+        ref = todo.pop()
+        if ref not in edges:
+            edges[ref] = _direct_refs(_resolve_ref(schema, ref))
+            todo.extend(edges[ref])
+    done: set[str] = set()
+    for start in edges:  # depth-first with the path on a stack: a ref met again on its own path is a cycle
+        path: list[str] = []
+        stack: list[tuple[str, bool]] = [(start, False)]
+        while stack:
+            ref, leaving = stack.pop()
+            if leaving:
+                path.pop()
+                done.add(ref)
+                continue
+            if ref in path:
+                raise ValueError(f"the schema's $ref '{ref}' refers back to itself; a $ref cycle must pass through an object's properties or an array's items")
+            if ref in done:
+                continue
+            path.append(ref)
+            stack.append((ref, True))
+            stack.extend((nxt, False) for nxt in edges[ref])
+
+
+def _nodes(schema: Any) -> list[dict[str, Any]]:
+    """Every object in a schema (already known to be at most MAX_SCHEMA_DEPTH deep)."""
+    found, todo = [], [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            found.append(node)
+            todo.extend(node.values())
+        elif isinstance(node, list):
+            todo.extend(node)
+    return found
 
 
 def _format_error(e: ValidationError) -> str:
@@ -210,72 +337,78 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def from_options(
-    *,
-    job_file: str | Path | None = None,
-    input: str | None = None,
-    input_format: str | None = None,
-    input_encoding: str | None = None,
-    id_column: str | None = None,
-    prompt: str | None = None,
-    system: str | None = None,
-    messages: list[dict[str, str]] | None = None,
-    model: str | None = None,
-    provider: str | None = None,
-    base_url: str | None = None,
-    api_key_env: str | None = None,
-    kind: str | None = None,
-    schema: Any = None,
-    params: dict[str, Any] | None = None,
-    output: str | None = None,
-    output_format: str | None = None,
-    if_exists: str | None = None,
-    columns: list[str] | None = None,
-    rpm: float | None = None,
-    tpm: float | None = None,
-    input_tpm: float | None = None,
-    output_tpm: float | None = None,
-    max_in_flight: int | None = None,
-    max_attempts: int | None = None,
-    budget_usd: float | None = None,
-    allow_partial: bool | None = None,
-    chunk_size: int | None = None,
-    timeout_s: float | None = None,
-    context_tokens: int | None = None,
-    prices: dict[str, Any] | None = None,
-) -> JobSpec:
-    """The one way flags and keyword arguments become a JobSpec (a job file first, options on top)."""
+def _to_spec_value(option: Option, value: Any) -> Any:
+    """A keyword's or flag's value as the JobSpec holds it; None leaves the job file's value."""
+    if option.kind is Kind.FLAG:
+        return True if value else None
+    if option.kind is Kind.LIST:
+        items = [value] if isinstance(value, str) else list(value)
+        if option.name == "columns":  # `--columns a,b` as well as `--columns a --columns b`
+            items = [c.strip() for item in items for c in str(item).split(",") if c.strip()]
+        return items or None
+    if option.kind is Kind.DURATION:
+        return parse_duration(value)
+    if option.kind is Kind.SCHEMA:
+        return load_schema(value)
+    return value
+
+
+def _put(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        data = data.setdefault(part, {})
+    data[path[-1]] = value
+
+
+def from_options(**options: Any) -> JobSpec:
+    """The one way flags and keyword arguments become a JobSpec (a job file first, options on top).
+
+    The keywords are the options table's (`backfill.options`); an unknown one is a SpecError.
+    """
+    check_keywords(set(options))
+    job_file = options.pop("job_file", None)
     base = read_job_file(job_file) if job_file else {}
     if "task" in base and "schema" in base["task"]:
         base["task"]["schema"] = load_schema(base["task"]["schema"])
-    flags: dict[str, Any] = {
-        "input": {"path": input, "format": input_format, "encoding": input_encoding, "id_column": id_column},
-        "task": {
-            "kind": kind,
-            "model": model,
-            "provider": provider,
-            "base_url": base_url,
-            "api_key_env": api_key_env,
-            "prompt": prompt,
-            "system": system,
-            "messages": messages,
-            "schema": load_schema(schema),
-            "params": params or None,
-            "timeout_s": timeout_s,
-            "context_tokens": context_tokens,
-        },
-        "output": {"path": output, "format": output_format, "if_exists": if_exists, "columns": columns or None},
-        "limits": {"rpm": rpm, "tpm": tpm, "input_tpm": input_tpm, "output_tpm": output_tpm, "max_in_flight": max_in_flight},
-        "retries": {"max_attempts": max_attempts},
-        "budget": {"usd": budget_usd, "allow_partial": allow_partial},
-        "chunk_size": chunk_size,
-        "prices": prices,
-    }
+    flags: dict[str, Any] = {}
+    per_model: list[tuple[Option, Any]] = []
+    for option in OPTIONS:  # the table's order: `params` before `max_tokens`, so a flag wins over the dict
+        value = options.get(option.name)
+        if option.path is None or value is None:
+            continue
+        value = _to_spec_value(option, value)
+        if value is None:
+            continue
+        if MODEL in option.path:
+            per_model.append((option, value))
+        elif isinstance(value, dict):
+            _put(flags, option.path, merge(_get(flags, option.path), value))
+        else:
+            _put(flags, option.path, value)
     data = merge(base, flags)
     for section in ("input", "output"):  # absolute, so `backfill resume` works from any directory
         path = data.get(section, {}).get("path")
-        if path:
+        if path and path != STDIO:
             data[section]["path"] = os.path.abspath(path)
-    if "model" not in data.get("task", {}):
+    model = data.get("task", {}).get("model")
+    if model is None:
         raise SpecError("Job spec field 'task.model': no model given; pass --model or set task.model in the job file.")
+    for option, value in per_model:
+        _put(data, tuple(model if p == MODEL else p for p in option.path or ()), value)
+    if per_model:
+        _fill_price(data["prices"], model)
     return build_spec(data)
+
+
+def _fill_price(prices: dict[str, Any], model: str) -> None:
+    """`--price-input` alone keeps the table's output price (and the other way round)."""
+    known = PriceTable.builtin().get(model)
+    price = prices[model]
+    for side in ("input", "output"):
+        if side not in price and known is not None:
+            price[side] = getattr(known, side)
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+    for part in path:
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data if isinstance(data, dict) else {}

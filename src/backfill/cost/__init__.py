@@ -167,6 +167,34 @@ class PriceTable:
         return sorted(self._prices)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """One model of the table as `backfill models` lists it."""
+
+    model: str
+    input: float
+    output: float
+    cached_input: float | None
+    batch_discount: float
+    context_tokens: int | None
+    max_output_tokens: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def price_list(prices: PriceTable) -> list[ModelInfo]:
+    """Every model with a price of its own, by name, with its context sizes."""
+    infos = []
+    for name in prices.models():
+        price, limits = prices.get(name), prices.limits(name)
+        assert price is not None  # models() lists priced names only
+        infos.append(ModelInfo(
+            name, price.input, price.output, price.cached_input, price.batch_discount, limits.context_tokens, limits.max_output_tokens,
+        ))
+    return infos
+
+
 def context_limit(prices: PriceTable, model: str, override: int | None) -> int | None:
     """The context size a job holds its requests to: its own (task.context_tokens) when given, else the table's."""
     if override is None:

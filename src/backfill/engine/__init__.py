@@ -72,6 +72,7 @@ async def run_job(
     limiter_for: Callable[[str, LaneLimits], LaneLimiter] | None = None,
     use_cache: bool = True,
     wait: bool = False,
+    cache_scope: str = "",
 ) -> RunResult:
     """Plan and run one job to its end (or until stopped).
 
@@ -79,7 +80,8 @@ async def run_job(
     from the environment (a server's named credential); `limiter_for(lane id, limits)`
     returns the limiter to share with other jobs on the same lane (default: one per job);
     `use_cache=False` sends rows that other jobs' answers would serve; `wait` waits while
-    another process holds the job instead of raising JobBusy.
+    another process holds the job instead of raising JobBusy; `cache_scope` names the response cache the
+    job reads and fills (a server's per-credential-and-owner cache; the CLI's is the default, "").
     """
     path = store_path(state_dir)
     plan = await asyncio.to_thread(_plan_and_check, spec, data, api_key, path)
@@ -92,7 +94,7 @@ async def run_job(
             limiter = None
             if limiter_for is not None:
                 limiter = limiter_for(f"{provider.lane_id}|{spec.task.model}", lane_limits(spec, provider))
-            runner = JobRunner(plan, store, provider, limiter=limiter, use_cache=use_cache)
+            runner = JobRunner(plan, store, provider, limiter=limiter, use_cache=use_cache, cache_scope=cache_scope)
             if handle_signals:
                 _install_signals(runner, plan.job_id)
             if on_start:

@@ -93,6 +93,7 @@ class ChunkBook:
             self.plan.job_id, chunk.index, len(chunk.row_ids) - len(dead), dead, requests=requests, rate_limited=limited
         )
         self.mark_counted()
+        self.sink.committed([chunk.index])  # standard output emits the rows only once they are committed
         self._slots.release()
         self.left -= 1
         if self.left == 0:

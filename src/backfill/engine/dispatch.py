@@ -152,6 +152,7 @@ class Dispatcher:
                 self.queue.extendleft(reversed(rows))
                 return
             self.reserved_usd += estimate
+            self.stats.tokens_reserved += tokens_in + tokens_out
             spawn(self._send(Send(rows, ticket, estimate)))
 
     async def _send(self, send: Send) -> None:

@@ -7,13 +7,16 @@ and weights 3:1 three quarters to one quarter. A job that was idle does not bank
 credit: it re-enters at the virtual time of the last admission (start-time fair
 queuing). Runners keep one acquire waiting at a time, so after each admission the
 loop yields once to let the job just served queue its next request before choosing.
+
+A job's own limits (its spec's rpm, tpm, in flight) are an `OwnLimit` in front of its view: they can
+only slow that job, never the lane or the other jobs on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from backfill.limits import LaneLimiter, LimiterStats, Ticket
 from backfill.request import RateLimitInfo, Usage
@@ -127,3 +130,52 @@ class JobLimiter(LaneLimiter):
 
     def counts_tokens(self) -> bool:
         return self._fair.limiter.counts_tokens()
+
+
+class OwnLimit(LaneLimiter):
+    """A job's own limiter in front of its share of the lane: a request takes a slot in both, the job's first,
+    so that a job waiting on its own low limit does not hold a place in the lane's queue."""
+
+    def __init__(self, own: LaneLimiter, shared: LaneLimiter):
+        self._own = own
+        self._shared = shared
+        self._own_tickets: dict[int, Ticket] = {}  # by id() of the lane's ticket
+
+    async def acquire(self, input_tokens: int, output_tokens: int) -> Ticket:
+        mine = await self._own.acquire(input_tokens, output_tokens)
+        try:
+            ticket = await self._shared.acquire(input_tokens, output_tokens)
+        except BaseException:
+            self._own.release(mine, success=False)
+            raise
+        self._own_tickets[id(ticket)] = mine
+        return ticket
+
+    def _settle_own(self, ticket: Ticket, usage: Usage | None, success: bool) -> None:
+        mine = self._own_tickets.pop(id(ticket), None)
+        if mine is not None:
+            self._own.release(mine, usage=usage, success=success)
+
+    def release(self, ticket: Ticket, *, usage: Usage | None = None, rate: RateLimitInfo | None = None, success: bool = True) -> None:
+        self._settle_own(ticket, usage, success)
+        self._shared.release(ticket, usage=usage, rate=rate, success=success)
+
+    def rate_limited(self, ticket: Ticket, *, retry_after: float | None, rate: RateLimitInfo | None) -> None:
+        self._settle_own(ticket, None, False)
+        self._shared.rate_limited(ticket, retry_after=retry_after, rate=rate)
+
+    def stats(self) -> LimiterStats:
+        """The lane's figures, with the job's own limits where they are the lower."""
+        lane, own = self._shared.stats(), self._own.stats()
+        return replace(
+            lane,
+            rpm=_lower(lane.rpm, own.rpm), tpm=_lower(lane.tpm, own.tpm),
+            max_in_flight=min(lane.max_in_flight, own.max_in_flight),
+        )
+
+    def counts_tokens(self) -> bool:
+        return self._shared.counts_tokens() or self._own.counts_tokens()
+
+
+def _lower(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)

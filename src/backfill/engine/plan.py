@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from backfill.cost import Price, PriceTable, context_limit
 from backfill.errors import BackfillError, SpecError
-from backfill.io import Source, check_id_column, check_writable, open_source, output_fields
+from backfill.io import Source, check_id_column, check_stdout_format, check_writable, is_stdio, open_source, output_fields
 from backfill.prompt import PromptTemplate, check_columns, check_text_columns
 from backfill.providers import get_provider
 from backfill.providers.base import dumps
@@ -211,7 +211,9 @@ def make_plan(spec: JobSpec, data: Any = None, *, api_key: str | None = None, st
     api_key = api_key or _api_key(spec)
     fingerprint = source.fingerprint()
     job_id = spec.job_id(fingerprint)
-    if spec.output.path:
+    if is_stdio(spec.output.path):  # standard output: no file to check
+        check_stdout_format(spec.output.format)
+    elif spec.output.path:
         # An existing output may be this job's own (it succeeded, or stopped while assembling it).
         job = store.get_job(job_id) if store is not None else None
         check_writable(

@@ -21,13 +21,14 @@ from backfill import tokens
 from backfill.engine.chunks import ChunkBook, RowResult
 from backfill.engine.decoder import AnswerDecoder
 from backfill.engine.dispatch import Dispatcher, Row, Send, read_ahead
-from backfill.engine.plan import Plan
+from backfill.engine.plan import UNSET_MAX_TOKENS_RESERVE, Plan
 from backfill.engine.policy import DeadLetter, Decision, Fatal, Requeue, Retry, after_invalid_answer, decide, failure_signature
 from backfill.engine.producer import Producer
-from backfill.engine.stats import JobStats
+from backfill.engine.stats import Binding, JobStats
 from backfill.errors import BackfillError, JobBusy
-from backfill.io import Sink
+from backfill.io import make_sink
 from backfill.limits import LaneLimiter, LaneLimits, Limiter
+from backfill.limits.base import Bound
 from backfill.providers import Provider
 from backfill.request import Outcome, OutcomeKind
 from backfill.status import JobStatus, StopCause
@@ -39,6 +40,10 @@ log = logging.getLogger("backfill")
 LEASE_TTL_S = 30.0
 HEARTBEAT_S = 5.0
 ASSEMBLY_LEASE_S = 3600.0
+_BINDINGS = {
+    Bound.REQUESTS: Binding.REQUESTS, Bound.TOKENS: Binding.TOKENS, Bound.INPUT_TOKENS: Binding.INPUT_TOKENS,
+    Bound.OUTPUT_TOKENS: Binding.OUTPUT_TOKENS, Bound.IN_FLIGHT: Binding.IN_FLIGHT, Bound.PAUSED: Binding.PAUSED,
+}
 
 
 @dataclass
@@ -100,15 +105,20 @@ def _dead_here(holder: str) -> bool:
 class JobRunner:
     """Run a planned job against a provider, recording everything in the store."""
 
-    def __init__(self, plan: Plan, store: Store, provider: Provider, *, limiter: LaneLimiter | None = None, use_cache: bool = True):
+    def __init__(
+        self, plan: Plan, store: Store, provider: Provider, *, limiter: LaneLimiter | None = None, use_cache: bool = True, cache_scope: str = ""
+    ):
         self.plan, self.spec, self.store, self.provider = plan, plan.spec, store, provider
         self.limiter = limiter or Limiter(lane_limits(self.spec, provider))
-        self.stats = JobStats(job_id=plan.job_id, rows_total=plan.rows_total)
+        self.stats = JobStats(job_id=plan.job_id, rows_total=plan.rows_total, budget_usd=self.spec.budget.usd)
+        if not plan.is_embedding and not any(k in plan.spec.task.params for k in ("max_tokens", "max_completion_tokens")):
+            self.stats.unset_max_tokens_reserve = UNSET_MAX_TOKENS_RESERVE
         self.holder = lease_holder()
         self._use_cache = use_cache
+        self._cache_scope = cache_scope
         self._decoder = AnswerDecoder(self.spec.task.schema_, plan.answer_fields)
         parts = store.path.parent / "jobs" / plan.job_id
-        self._sink = Sink(self.spec.output.path or str(parts / "result.parquet"), format=self.spec.output.format, parts_dir=parts, schema=plan.output_schema)
+        self._sink = make_sink(self.spec.output.path or str(parts / "result.parquet"), format=self.spec.output.format, parts_dir=parts, schema=plan.output_schema)
         # Enough open chunks that a few rows backing off cannot starve the dispatcher, few enough
         # that memory does not grow with the input.
         self._open_chunks = max(16, -(-4 * self.spec.limits.max_in_flight // self.spec.chunk_size) + 4)
@@ -182,10 +192,12 @@ class JobRunner:
         rebuild = set() if self._sink.is_finalized(plan.chunks_total) else {i for i in done if not self._sink.part_path(i).exists()}
         # Rows of chunks rebuilt (their part is gone) are counted again as they settle.
         again_ok, again_failed = store.chunk_rows(plan.job_id, rebuild)
+        self._sink.committed(done - rebuild)  # standard output re-emits, in order, what earlier runs committed
         s.cost_usd, s.rows_ok, s.rows_failed = job.spent_usd, job.rows_ok - again_ok, job.rows_failed - again_failed
         s.rows_before, s.requests_before, s.rate_limited_before = s.rows_done, job.requests, job.rate_limited
+        s.rows_committed = s.rows_done
         book = self._book = ChunkBook(plan, store, self._sink, s, self._decoder, limit=self._open_chunks, left=plan.chunks_total - len(done) + len(rebuild))
-        producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache)
+        producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache, cache_scope=self._cache_scope)
         async with asyncio.TaskGroup() as tg:
             workers = [tg.create_task(producer.run()), tg.create_task(self.dispatcher.run(lambda c: self._spawn(tg, c))), tg.create_task(self._watch())]
             await self._until_end(book)
@@ -216,6 +228,8 @@ class JobRunner:
             if book is not None:
                 store.add_request_counts(plan.job_id, *book.counts_not_committed())
                 book.mark_counted()
+            self._count_committed()
+            store.heartbeat(plan.job_id, self.holder, LEASE_TTL_S, rows_answered=self.stats.rows_done)
             if self._error is None and self._stop is None and book is not None and book.all_done.is_set():
                 # Assembling a large output takes a while, and the heartbeat has stopped: hold the lease for it.
                 store.heartbeat(plan.job_id, self.holder, ASSEMBLY_LEASE_S)
@@ -241,12 +255,14 @@ class JobRunner:
         next_beat = loop.time() + HEARTBEAT_S
         while True:
             await asyncio.sleep(0.5)
-            self.stats.sample()
             ls = self.dispatcher.lane = self.limiter.stats()
+            self.stats.sample(_BINDINGS.get(self.limiter.bound()))
             self.stats.in_flight, self.stats.rpm_limit, self.stats.tpm_limit = ls.in_flight, ls.rpm, ls.tpm
+            self.stats.input_tpm_limit, self.stats.output_tpm_limit, self.stats.max_in_flight = ls.input_tpm, ls.output_tpm, ls.max_in_flight
+            self._count_committed()
             if loop.time() >= next_beat:
                 next_beat = loop.time() + HEARTBEAT_S
-                if not self.store.heartbeat(self.plan.job_id, self.holder, LEASE_TTL_S):
+                if not self.store.heartbeat(self.plan.job_id, self.holder, LEASE_TTL_S, rows_answered=self.stats.rows_done):
                     self._lease_lost = True
                     self.stop(JobStatus.PAUSED, "another process took over the job's lease", cause=StopCause.SHUTDOWN, hard=True)
             asked = self.store.requested(self.plan.job_id)
@@ -254,6 +270,12 @@ class JobRunner:
                 self.stop(JobStatus.CANCELLED, "cancelled by request", cause=StopCause.CANCEL, hard=True)
             elif asked == "pause":
                 self.stop(JobStatus.PAUSED, "paused by request", cause=StopCause.PAUSE)
+
+    def _count_committed(self) -> None:
+        """The live line counts committed rows as the ledger does."""
+        job = self.store.get_job(self.plan.job_id)
+        if job is not None:
+            self.stats.rows_committed = job.rows_done
 
     def _restore_structured_mode(self) -> None:
         """Schema requests start in the mode this endpoint and model last worked in, not with a rejection."""
@@ -275,6 +297,7 @@ class JobRunner:
 
     def _budget_stop(self) -> None:
         budget = self.spec.budget.usd or 0.0
+        self.stats.budget_reached()
         self.stop(
             JobStatus.PAUSED, f"stopped: budget (${self.stats.cost_usd:.4f} of ${budget:.4f} spent); resume with a higher --budget-usd",
             cause=StopCause.BUDGET,
@@ -365,7 +388,7 @@ class JobRunner:
             else:
                 self._resolve(row, RowResult(False, error=decision.reason, raw=outcome.text, input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=row.paid_usd))
             return
-        self.store.put_response(self.plan.job_id, row.request.key, response, replace=not self._use_cache)
+        self.store.put_response(self.plan.job_id, row.request.key, response, scope=self._cache_scope, replace=not self._use_cache)
         self._resolve(row, RowResult(True, decoded.answer, input_tokens=u.input_tokens, output_tokens=u.output_tokens, cost_usd=row.paid_usd))
 
     def _accept_embeddings(self, rows: list[Row], outcome: Outcome) -> None:
@@ -378,7 +401,7 @@ class JobRunner:
         for r, vector, w in zip(rows, vectors, weights):
             share = cost * w / total
             response = CachedResponse(None, vector, round(billed * w / total), 0, 0, share)
-            self.store.put_response(self.plan.job_id, r.request.key, response, replace=not self._use_cache)
+            self.store.put_response(self.plan.job_id, r.request.key, response, scope=self._cache_scope, replace=not self._use_cache)
             self._resolve(r, RowResult(True, vector, input_tokens=response.input_tokens, cost_usd=r.paid_usd + share))
 
     def _from_cache(self, response: CachedResponse) -> RowResult:

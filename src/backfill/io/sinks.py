@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -25,7 +25,7 @@ from backfill.io.schema import JSON_TEXT_KEY
 
 OUTPUT_FORMATS = ("parquet", "csv", "jsonl")
 _FORMAT_NAMES = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "jsonl": "jsonl", "ndjson": "jsonl"}
-_FINALIZED = "FINALIZED"
+FINALIZED_MARKER = "FINALIZED"  # in the parts directory: the output holds this many chunks
 # Rows gathered before the final Parquet file gets a row group: chunks are often small.
 _ROW_GROUP_ROWS = 65536
 IfExists = Literal["fail", "replace", "append", "upsert"]
@@ -193,9 +193,12 @@ class Sink:
             table = table.select(self.schema.names).cast(self.schema)
         except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
             raise BackfillError(f"Chunk {chunk_index} does not match the output schema ({e}).") from None
-        (self.parts_dir / _FINALIZED).unlink(missing_ok=True)
+        (self.parts_dir / FINALIZED_MARKER).unlink(missing_ok=True)
         with _atomic_file(self.part_path(chunk_index)) as f:
             pq.write_table(table, f)
+
+    def committed(self, chunks: Iterable[int]) -> None:
+        """Told once the ledger has marked `chunks` done; a file is written only when the job completes."""
 
     def _check_parts(self, n_chunks: int) -> None:
         missing = [i for i in range(n_chunks) if not self.part_path(i).exists()]
@@ -215,7 +218,7 @@ class Sink:
 
     def is_finalized(self, n_chunks: int) -> bool:
         """Whether the output file holds all `n_chunks` chunks (its parts are gone then)."""
-        marker = self.parts_dir / _FINALIZED
+        marker = self.parts_dir / FINALIZED_MARKER
         return self.path.exists() and marker.exists() and marker.read_text().strip() == str(n_chunks)
 
     def finalize(self, n_chunks: int) -> Path:
@@ -230,7 +233,7 @@ class Sink:
         writer = {"parquet": self._write_parquet, "csv": self._write_csv, "jsonl": self._write_jsonl}[self.format]
         with _atomic_file(self.path) as f:
             writer(f, self._batches(n_chunks))
-        marker = self.parts_dir / _FINALIZED
+        marker = self.parts_dir / FINALIZED_MARKER
         marker.write_text(str(n_chunks))
         for i in range(n_chunks):
             self.part_path(i).unlink(missing_ok=True)

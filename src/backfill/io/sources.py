@@ -26,7 +26,7 @@ from pyarrow import ipc
 
 from backfill.errors import SpecError
 
-_FORMAT_NAMES = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
+INPUT_FORMATS = {"parquet": "parquet", "pq": "parquet", "csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "ndjson": "jsonl"}
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
 _FORMAT_HINT = "use --input-format parquet|csv|jsonl"
 # Bytes parsed at a time from text files: large enough for fast parsing, small enough to bound memory.
@@ -302,26 +302,78 @@ def _text_to_string(t: pa.DataType) -> pa.DataType:
     return t
 
 
-def _merge_types(name: str, a: pa.DataType, b: pa.DataType, where: str) -> pa.DataType:
+def _merge_types(name: str, a: pa.DataType, b: pa.DataType) -> pa.DataType | None:
+    """The type that holds both `a` and `b` (int and float: float); None when there is none."""
     if a == b:
         return a
     try:
         merged = pa.unify_schemas([pa.schema([(name, a)]), pa.schema([(name, b)])], promote_options="permissive")
         return merged.field(name).type
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-        raise SpecError(
-            f"JSONL field '{name}' holds values of different types ({a} and {b}, {where}); "
-            "make them one type or convert the file to Parquet."
-        ) from None
+        return None
+
+
+def _mixed_types(field: str, was: object, now: object, line: int | str) -> SpecError:
+    return SpecError(
+        f"JSONL field '{field}' holds values of different types ({was} and {now}, the first {now} at line {line}); "
+        "make them one type or convert the file to Parquet."
+    )
 
 
 _JSON_TYPE_CHANGE = re.compile(r"Column\((/[^)]*)\) changed from (\w+) to (\w+) in row (\d+)")
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
 @dataclass
 class _Block:
     data: bytes
     first_line: int  # 1-based line number of the block's first line, for error messages
+
+    def rows(self) -> Iterator[tuple[int, bytes]]:
+        """The lines that hold a row, with their 1-based line numbers; pyarrow skips blank lines too.
+
+        Only error paths call this: it splits the whole block."""
+        for number, line in enumerate(self.data.split(b"\n"), self.first_line):
+            if line.strip():
+                yield number, line
+
+    def line_of_row(self, row: int) -> int | None:
+        """The line number of the block's 0-based `row`, as pyarrow counts rows."""
+        for i, (number, _) in enumerate(self.rows()):
+            if i == row:
+                return number
+        return None
+
+    def first_non_object(self) -> tuple[int, str] | None:
+        """The first line that is not one JSON object, with why; None when every line is one."""
+        for number, line in self.rows():
+            try:
+                value = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                return number, f"{e.msg} at column {e.colno}"
+            if not isinstance(value, dict):
+                return number, f"a JSON {_JSON_KINDS.get(type(value), 'value')}, not an object"
+        return None
+
+    def first_misfit(self, name: str, type_: pa.DataType) -> tuple[int, pa.DataType] | None:
+        """The first line whose field `name` holds a value that does not fit `type_`, with that value's type."""
+        for number, line in self.rows():
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:  # pyarrow took it (two objects on a line): not this field's fault
+                continue
+            value = row.get(name) if isinstance(row, dict) else None
+            if value is None:
+                continue
+            try:
+                found = _text_to_string(pa.array([value]).type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):  # a list of mixed values: no type fits it
+                return number, pa.string()
+            if _merge_types(name, type_, found) is None:
+                return number, found
+        return None
 
 
 class JsonlSource(_FileSource):
@@ -376,17 +428,35 @@ class JsonlSource(_FileSource):
         try:
             return pjson.read_json(pa.BufferReader(block.data), read_options=read, parse_options=parse)
         except pa.ArrowInvalid as e:
-            changed = _JSON_TYPE_CHANGE.search(str(e))
-            if changed:
-                field, was, now, row = changed.groups()
-                raise SpecError(
-                    f"JSONL field '{field.lstrip('/')}' holds values of different types ({was} and {now}, "
-                    f"near line {block.first_line + int(row)}); make them one type or convert the file to Parquet."
-                ) from None
-            raise SpecError(
-                f"Cannot read '{self.path}' as JSON Lines near line {block.first_line} ({e}); "
-                f"each line must be one JSON object, or {_FORMAT_HINT}."
-            ) from None
+            raise self._parse_error(block, str(e)) from None
+
+    def _parse_error(self, block: _Block, message: str) -> SpecError:
+        """The error naming the line at fault: pyarrow counts rows from the block's start, skipping blank lines,
+        and reads past the end of a broken line before it notices."""
+        bad = block.first_non_object()
+        if bad is not None:
+            line, why = bad
+            return SpecError(
+                f"Cannot read '{self.path}' as JSON Lines: line {line} is not one JSON object ({why}); "
+                f"fix that line, or {_FORMAT_HINT}."
+            )
+        changed = _JSON_TYPE_CHANGE.search(message)
+        if changed:
+            field, was, now, row = changed.groups()
+            line = block.line_of_row(int(row))
+            return _mixed_types(field.lstrip("/").replace("/", "."), was, now, line or f"{block.first_line} or later")
+        return SpecError(
+            f"Cannot read '{self.path}' as JSON Lines from line {block.first_line} on ({message}); "
+            f"each line must be one JSON object, or {_FORMAT_HINT}."
+        )
+
+    def _misfit_error(self, block: _Block, name: str, was: pa.DataType, now: pa.DataType) -> SpecError:
+        """A field whose values in this block do not fit its type in the blocks before, naming the first such line."""
+        misfit = block.first_misfit(name, was)
+        if misfit is None:
+            return _mixed_types(name, was, now, f"{block.first_line} or later")
+        line, found = misfit
+        return _mixed_types(name, was, found, line)
 
     def _check_utf8(self, block: _Block) -> None:
         try:
@@ -411,8 +481,10 @@ class JsonlSource(_FileSource):
             rows += table.num_rows
             for f in table.schema:
                 t = _text_to_string(f.type)
-                where = f"near line {block.first_line}"
-                fields[f.name] = _merge_types(f.name, fields[f.name], t, where) if f.name in fields else t
+                merged = _merge_types(f.name, fields[f.name], t) if f.name in fields else t
+                if merged is None:
+                    raise self._misfit_error(block, f.name, fields[f.name], t)
+                fields[f.name] = merged
         self._schema = pa.schema(list(fields.items()))
         self._num_rows = rows
 
@@ -548,7 +620,7 @@ class SpooledSource:
 
 def _file_format(path: Path, format: str | None) -> str:
     if format is not None:
-        fmt = _FORMAT_NAMES.get(format.lower().lstrip("."))
+        fmt = INPUT_FORMATS.get(format.lower().lstrip("."))
         if fmt is None:
             raise SpecError(f"Unknown input format '{format}'; {_FORMAT_HINT}.")
         return fmt
@@ -556,7 +628,7 @@ def _file_format(path: Path, format: str | None) -> str:
     for suffix in _COMPRESSION_SUFFIXES:
         name = name.removesuffix(suffix)
     ext = name.rpartition(".")[2] if "." in name else ""
-    fmt = _FORMAT_NAMES.get(ext)
+    fmt = INPUT_FORMATS.get(ext)
     if fmt is None:
         raise SpecError(f"Cannot tell the format of '{path}' from its extension; {_FORMAT_HINT}.")
     return fmt

@@ -4,6 +4,7 @@ the interface every home of a limiter (in-process now, shared across processes l
 from __future__ import annotations
 
 import abc
+import enum
 from dataclasses import dataclass
 
 from backfill.errors import SpecError
@@ -59,6 +60,17 @@ class Ticket:
     done: bool = False
 
 
+class Bound(str, enum.Enum):
+    """The limit a waiting request waits for."""
+
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    INPUT_TOKENS = "input_tokens"
+    OUTPUT_TOKENS = "output_tokens"
+    IN_FLIGHT = "in_flight"
+    PAUSED = "paused"  # a 429's pause
+
+
 @dataclass(slots=True)
 class LimiterStats:
     """A snapshot for progress displays and metrics."""
@@ -102,6 +114,10 @@ class LaneLimiter(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> LimiterStats:
         """The limits in force and the limiter's state now."""
+
+    def bound(self) -> Bound | None:
+        """The limit the first waiting request waits for now; None when no request waits (or this home cannot tell)."""
+        return None
 
     def counts_tokens(self) -> bool:
         """Whether `acquire` needs the prompt's tokens now (a limit on input tokens is in force).

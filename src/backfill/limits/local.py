@@ -9,7 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-from backfill.limits.base import LaneLimiter, LaneLimits, LimiterStats, Ticket
+from backfill.limits.base import Bound, LaneLimiter, LaneLimits, LimiterStats, Ticket
 from backfill.limits.bucket import Bucket
 from backfill.request import RateLimitInfo, Usage
 
@@ -160,6 +160,26 @@ class Limiter(LaneLimiter):
     def counts_tokens(self) -> bool:
         # Requests admitted while no token limit is known are charged their real usage on release.
         return self._tokens is not None or self._input is not None
+
+    def bound(self) -> Bound | None:
+        head = next(((i, o) for fut, i, o in self._waiters if not fut.done()), None)
+        if head is None:
+            return None
+        if self._in_flight >= self._slot_cap():
+            return Bound.IN_FLIGHT
+        now = self._clock()
+        waits = [(self._paused_until - now, Bound.PAUSED)]
+        for bound, bucket, cost in (
+            (Bound.REQUESTS, self._requests, 1),
+            (Bound.TOKENS, self._tokens, head[0] + head[1]),
+            (Bound.INPUT_TOKENS, self._input, head[0]),
+            (Bound.OUTPUT_TOKENS, self._output, head[1]),
+        ):
+            if bucket is not None:
+                bucket.refill(now)
+                waits.append((bucket.wait_s(cost), bound))
+        wait, bound = max(waits, key=lambda w: w[0])
+        return bound if wait > 0 else None
 
     def stats(self) -> LimiterStats:
         now = self._clock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
@@ -57,6 +58,40 @@ def dumps(obj: Any) -> bytes:
 def _trim(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+# A key as providers echo it masked: a visible head and/or tail around dots or stars (sk-...abcd, sk-proj-****wxyz).
+_MASKED = re.compile(r"[\w-]*(?:\.{3}|\u2026|\*{3,})[\w-]*")
+_KEY_RUN = 8  # a run of this many of the key's characters in a row is part of the key
+
+
+def scrub_key(text: str, key: str | None) -> str:
+    """The text without the key: whole, any run of 8 or more of its characters, or a masked form that
+    shows its start or end."""
+    if not key or not text:
+        return text
+    runs = {key[i : i + _KEY_RUN] for i in range(len(key) - _KEY_RUN + 1)} if len(key) >= _KEY_RUN else {key}
+    width = min(_KEY_RUN, len(key))
+    hidden = bytearray(len(text))
+    for j in range(len(text) - width + 1):
+        if text[j : j + width] in runs:
+            hidden[j : j + width] = b"\x01" * width
+    out, j = [], 0
+    while j < len(text):
+        if hidden[j]:
+            while j < len(text) and hidden[j]:
+                j += 1
+            out.append("***")
+        else:
+            out.append(text[j])
+            j += 1
+
+    def masked(m: re.Match[str]) -> str:
+        head, _, tail = re.split(r"(\.{3}|\u2026|\*{3,})", m.group(0), maxsplit=1)
+        shows_key = (len(head) >= 3 and key.startswith(head)) or (len(tail) >= 2 and key.endswith(tail))
+        return "***" if shows_key else m.group(0)
+
+    return _MASKED.sub(masked, "".join(out))
 
 
 def error_fields(body: bytes) -> ErrorFields:
@@ -255,8 +290,7 @@ class Provider(abc.ABC):
         return parsed
 
     def _scrub(self, text: str) -> str:
-        key = self._api_key
-        return text.replace(key, "***") if key and key in text else text
+        return scrub_key(text, self._api_key)
 
     def _malformed(self, reply: Reply) -> Outcome:
         return Outcome(

@@ -1,7 +1,8 @@
 """The HTTP API (FastAPI; OpenAPI at /docs) and the dashboard's static files, over the scheduler.
 
-A user sees and acts on their own jobs only (another's is a 404); operators see and act on all,
-manage users, credentials and lanes. Provider keys go in through POST /credentials and never come out.
+A user sees and acts on their own jobs only (another's is a 404) and uses only the credentials granted to
+them; operators see and act on all, and set what users cannot change: credentials and their grants, prices,
+lane limits and caps. Provider keys go in through POST /credentials, encrypted, and never come out.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,20 +21,24 @@ import pyarrow as pa
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from backfill.engine import make_plan
 from backfill.errors import BackfillError
-from backfill.server import auth
+from backfill.server import auth, headers
 from backfill.server.auth import current_user, operator
-from backfill.server.db import TERMINAL, ServerDB, ServerJob, User
-from backfill.server.inputs import resolve_allowed, save_upload
+from backfill.server.bodylimit import BodyLimit
+from backfill.server.caps import DEFAULT_MAX_BODY_BYTES, Caps, Settings, check_rows, hold_to_caps
+from backfill.server.db import TERMINAL, Delivery, Credential, ServerDB, ServerJob, User, private_dir
+from backfill.server.inputs import refuse_url, resolve_allowed, save_upload
 from backfill.server.logs import log
 from backfill.server.metrics import Metrics
-from backfill.server.scheduler import Scheduler
+from backfill.server.scheduler import Scheduler, cache_scope, operator_prices
+from backfill.server.secrets import open_box
 from backfill.server.webhooks import Webhooks
-from backfill.spec import build_spec
+from backfill.spec import PriceSpec, build_spec
 
 STATIC = Path(__file__).parent / "static"
 URL_PATTERN = r"^https?://[^\s]+$"
@@ -48,8 +54,12 @@ class ServerConfig:
     tick_s: float = 0.5
     webhook_backoff_s: float = 2.0
     webhook_max_attempts: int = 8
+    webhook_allow: list[str] = field(default_factory=list)  # networks webhooks may reach though not public (CIDR)
     shutdown_grace_s: float = 15.0
     sse_every_s: float = 1.0
+    secret_keys: list[str] = field(default_factory=list)  # Fernet keys, newest first; none: no provider keys stored
+    max_streams_per_user: int = 4
+    sweep_every_s: float = 60.0  # how often uploads past their retention are looked for
 
 
 # --- API models ----------------------------------------------------------------------
@@ -66,6 +76,8 @@ class MeView(BaseModel):
     spent_month_usd: float
     webhook_url: str | None
     webhook_secret: str = Field(description="Verifies the X-Backfill-Signature of your webhooks.")
+    jobs_at_once: int = Field(description="Jobs of yours that run at once.")
+    caps: Caps = Field(description="What your jobs are held to (set by operators).")
 
 
 class WebhookIn(BaseModel):
@@ -112,6 +124,7 @@ class JobView(BaseModel):
     rpm_limit: float | None
     in_flight: int
     eta_s: float | None
+    cache: Literal["per user", "shared"] = Field(description="Whose cached answers the job reuses: its owner's, or the team's on a shared credential.")
 
 
 class SeriesPoint(BaseModel):
@@ -135,6 +148,21 @@ class DeadLetterView(BaseModel):
     raw: str | None
 
 
+class DeliveryView(BaseModel):
+    id: int
+    url: str
+    event: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: int
+    last_error: str | None = Field(description="Why the last attempt failed (HTTP status, timeout, refused address).")
+    next_try_at: float | None = Field(description="When a pending delivery is tried next (Unix time).")
+
+
+def delivery_view(d: Delivery) -> DeliveryView:
+    state: Literal["pending", "delivered", "failed"] = "pending" if not d.done else "failed" if d.last_error else "delivered"
+    return DeliveryView(id=d.id, url=d.url, event=d.event, state=state, attempts=d.attempts, last_error=d.last_error or None, next_try_at=None if d.done else d.next_at)
+
+
 class UserIn(BaseModel):
     name: str = Field(pattern=NAME_PATTERN)
     role: Literal["user", "operator"] = "user"
@@ -146,7 +174,9 @@ class UserCreated(BaseModel):
     token: str = Field(description="Shown once; only its hash is stored.")
 
 
-class UserPatch(BaseModel):
+class UserPatch(Caps):
+    """A user's weight, quotas, default webhook and caps; a field sent as null clears it (for a cap: the server's applies)."""
+
     weight: float | None = Field(None, gt=0, le=1000)
     max_jobs: int | None = Field(None, ge=0, le=10000)
     usd_per_day: float | None = Field(None, ge=0)
@@ -165,6 +195,7 @@ class UserView(BaseModel):
     spent_month_usd: float
     running: int
     queued: int
+    caps: Caps = Field(description="The user's own caps (null: the server's apply).")
 
 
 class CredentialIn(BaseModel):
@@ -172,12 +203,17 @@ class CredentialIn(BaseModel):
     provider: Literal["sim", "openai", "azure", "anthropic"]
     base_url: str | None = Field(None, pattern=URL_PATTERN, max_length=2000)
     api_key: str | None = Field(None, max_length=4000)
+    show_base_url: bool = Field(False, description="Users granted it see its base URL.")
+    cache_shared: bool = Field(False, description="One response cache for every user of it (default: one per user).")
+    prices: dict[str, PriceSpec] = Field(default_factory=dict, description="USD per 1M tokens by model, over the server's table.")
 
 
 class CredentialView(BaseModel):
     name: str
     provider: str
-    base_url: str | None
+    base_url: str | None = Field(description="Shown to operators, and to users where the operator allows it.")
+    cache: Literal["per user", "shared"] = Field(description="Whose cached answers a job on it may reuse.")
+    users: list[str] | None = Field(None, description="Who may use it (operators only).")
 
 
 class LanePointView(BaseModel):
@@ -226,6 +262,25 @@ class Done(BaseModel):
     status: str
 
 
+def credential_view(db: ServerDB, cred: Credential, user: User) -> CredentialView:
+    return CredentialView(
+        name=cred.name, provider=cred.provider,
+        base_url=cred.base_url if user.is_operator or cred.show_base_url else None,
+        cache="shared" if cred.cache_shared else "per user",
+        users=db.grantees(cred.name) if user.is_operator else None,
+    )
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """The first thing a SIGTERM does: stop dispatching and end the event streams, so the HTTP server's drain
+    (which waits for open connections) cannot keep jobs sending; the lifespan's end then awaits answers in flight."""
+    closing = getattr(app.state, "closing", None)
+    if closing is None:
+        return
+    closing.set()
+    app.state.sched.stop_dispatch()
+
+
 # --- the app -------------------------------------------------------------------------------
 
 
@@ -234,12 +289,18 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
-        db = ServerDB(config.data_dir / "server.db")
+        private_dir(config.data_dir)
+        db = ServerDB(config.data_dir / "server.db", box=open_box(config.secret_keys))
         metrics = Metrics()
-        webhooks = Webhooks(db, backoff_s=config.webhook_backoff_s, max_attempts=config.webhook_max_attempts)
-        sched = Scheduler(db, config.data_dir, metrics, webhooks, max_running=config.max_running, tick_s=config.tick_s, shutdown_grace_s=config.shutdown_grace_s)
+        webhooks = Webhooks(db, backoff_s=config.webhook_backoff_s, max_attempts=config.webhook_max_attempts, allow=config.webhook_allow)
+        sched = Scheduler(
+            db, config.data_dir, metrics, webhooks, max_running=config.max_running, tick_s=config.tick_s,
+            shutdown_grace_s=config.shutdown_grace_s, sweep_every_s=config.sweep_every_s,
+        )
         app.state.db, app.state.metrics, app.state.sched = db, metrics, sched
+        app.state.max_body = db.get_settings().max_body_bytes or DEFAULT_MAX_BODY_BYTES
+        app.state.streams = Counter()
+        app.state.loop = asyncio.get_running_loop()
         app.state.closing = asyncio.Event()
         sched.start()
         sender = asyncio.create_task(webhooks.run())
@@ -259,8 +320,13 @@ def create_app(config: ServerConfig) -> FastAPI:
         summary="Push large tables through LLMs under shared rate limits.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by headers.install from the packaged assets, not a CDN
+        redoc_url=None,
     )
     app.state.config = config
+    headers.install(app)
+    app.state.max_body = DEFAULT_MAX_BODY_BYTES
+    app.add_middleware(BodyLimit, limit=lambda: app.state.max_body)
 
     @app.exception_handler(BackfillError)
     async def _backfill_error(request: Request, exc: BackfillError) -> JSONResponse:
@@ -327,6 +393,7 @@ def job_view(sched: Scheduler, job: ServerJob) -> JobView:
         rpm_limit=stats.rpm_limit if stats else None,
         in_flight=stats.in_flight if stats else 0,
         eta_s=stats.eta_s() if stats else None,
+        cache="shared" if job.cache_scope.startswith("credential:") and "|owner:" not in job.cache_scope else "per user",
     )
 
 
@@ -337,7 +404,22 @@ def _user_view(db: ServerDB, sched: Scheduler, u: User) -> UserView:
         spent_today_usd=day, spent_month_usd=month,
         running=sum(1 for rj in sched.running.values() if rj.job.owner == u.name),
         queued=len(db.list_jobs(owner=u.name, status="queued", limit=10000)),
+        caps=u.caps,
     )
+
+
+def _check_sources(given: dict[str, Any]) -> None:
+    """Endpoints, keys and locations come from what the operator registered (credentials, uploads, allowed
+    directories), never from a user's spec: each such field set by the user is a 400 naming it."""
+    task = given.get("task") or {}
+    if given.get("prices"):
+        raise HTTPException(400, "A job on this server cannot set prices: the server bills by its operators' table; remove `prices`.")
+    if task.get("api_key_env"):
+        raise HTTPException(400, "A job on this server cannot name an environment variable for its key; name a credential (GET /credentials).")
+    if task.get("base_url"):
+        raise HTTPException(400, "A job on this server cannot set task.base_url; name a credential (GET /credentials), which carries it.")
+    refuse_url((given.get("input") or {}).get("path"), "input path")
+    refuse_url((given.get("output") or {}).get("path"), "output path")
 
 
 def _lane_views(db: ServerDB, sched: Scheduler) -> list[LaneView]:
@@ -373,10 +455,12 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
     @app.get("/me", response_model=MeView, tags=["me"])
     async def me(request: Request, user: User = Depends(current_user)) -> MeView:
         day, month = _db(request).spend(user.name)
+        sched = _sched(request)
+        caps = sched.caps_for(user)
         return MeView(
             name=user.name, role=user.role, weight=user.weight, max_jobs=user.max_jobs, usd_per_day=user.usd_per_day,
             usd_per_month=user.usd_per_month, spent_today_usd=day, spent_month_usd=month, webhook_url=user.webhook_url,
-            webhook_secret=user.webhook_secret,
+            webhook_secret=user.webhook_secret, jobs_at_once=sched.max_jobs_for(user), caps=caps,
         )
 
     @app.put("/me/webhook", response_model=MeView, tags=["me"])
@@ -389,8 +473,10 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
 
     @app.get("/credentials", response_model=list[CredentialView], tags=["credentials"])
     async def list_credentials(request: Request, user: User = Depends(current_user)) -> list[CredentialView]:
-        """The credentials a job can name (never their keys)."""
-        return [CredentialView(name=c.name, provider=c.provider, base_url=c.base_url) for c in _db(request).list_credentials()]
+        """The credentials you may name in a job (operators: all), never their keys."""
+        db = _db(request)
+        creds = db.list_credentials(None if user.is_operator else user.name)
+        return [credential_view(db, c, user) for c in creds]
 
     # --- input --------------------------------------------------------------------------
 
@@ -400,7 +486,11 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
     )
     async def upload(request: Request, filename: str = Query("input", max_length=200), user: User = Depends(current_user)) -> UploadView:
         """Stream an input file (the raw request body) to the server; name it with `filename` so its extension tells the format."""
-        up = await save_upload(_db(request), config.data_dir, user.name, filename, request.stream())
+        max_bytes = _sched(request).caps_for(user).max_upload_bytes
+        length = request.headers.get("content-length", "")
+        if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
+            raise HTTPException(413, f"The upload is over your cap max_upload_bytes = {max_bytes:,}; send a smaller file or ask an operator.")
+        up = await save_upload(_db(request), config.data_dir, user.name, filename, request.stream(), max_bytes)
         log.info("upload stored", extra={"user": user.name})
         return UploadView(upload_id=up.id, filename=up.filename, size=up.size)
 
@@ -410,6 +500,7 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
     async def submit(body: SubmitJob, request: Request, user: User = Depends(current_user)) -> JobView:
         """Submit a job: checked at once (columns, template, schema, model) before it is queued."""
         db, sched = _db(request), _sched(request)
+        _check_sources(body.spec)
         data = build_spec(body.spec).model_dump(by_alias=True)
         if body.upload_id is not None:
             up = db.get_upload(body.upload_id)
@@ -422,16 +513,20 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
             raise HTTPException(400, "Give the input: upload it (POST /uploads) and pass upload_id, or set spec.input.path.")
         api_key = None
         task = data["task"]
+        cred = None
         if body.credential is not None:
             cred = db.get_credential(body.credential)
-            if cred is None:
-                raise HTTPException(400, f"There is no credential {body.credential}; GET /credentials lists them.")
+            if cred is None or not (user.is_operator or db.granted(cred.name, user.name)):
+                raise HTTPException(400, f"There is no credential {body.credential} that you may use; GET /credentials lists yours.")
             task["provider"], task["base_url"], api_key = cred.provider, cred.base_url, cred.api_key
-        elif task["provider"] != "sim" or task.get("base_url"):
+        elif task["provider"] != "sim":
             raise HTTPException(400, "Name a credential for this provider; GET /credentials lists them.")
         task["api_key_env"] = None  # keys come from credentials only, never from the server's environment
+        data["prices"] = operator_prices(sched.settings, cred)
+        caps = sched.caps_for(user)
+        hold_to_caps(data, body.spec, caps)
         out_dir = config.data_dir / "outputs" / uuid.uuid4().hex
-        out_dir.mkdir(parents=True)
+        private_dir(out_dir)
         ext = OUTPUT_EXT.get(data["output"].get("format") or "parquet", "parquet")
         data["output"]["path"] = str(out_dir / f"result.{ext}")
         data["owner"] = user.name
@@ -440,10 +535,11 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
             plan = await asyncio.to_thread(make_plan, spec, api_key=api_key)
         except (OSError, ValueError, pa.ArrowException) as e:
             raise HTTPException(400, f"The input cannot be read ({type(e).__name__}: {e}).") from None
+        check_rows(plan.rows_total, caps)
         now = time.time()
         job = ServerJob(
             plan.job_id, user.name, body.credential, body.priority, body.webhook_url, data, plan.rows_total,
-            data["output"]["path"], "queued", None, now, now,
+            data["output"]["path"], "queued", None, now, now, cache_scope(user.name, cred),
         )
         db.add_job(job)
         sched.wake()
@@ -479,22 +575,41 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
         """Server-sent events: a `progress` event (a JobView) every second, and `end` when the job stops."""
         _visible_job(request, user, job_id)
         sched, db, closing = _sched(request), _db(request), request.app.state.closing
+        streams: Counter[str] = request.app.state.streams
+        if closing.is_set():
+            raise HTTPException(503, "The server is shutting down; try again when it is back.")
+        if streams[user.name] >= config.max_streams_per_user:
+            raise HTTPException(429, f"You have {streams[user.name]} event streams open, this server's most per user; close one, or poll GET /jobs/{{id}}.")
+        streams[user.name] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                streams[user.name] -= 1
+                if streams[user.name] <= 0:
+                    del streams[user.name]
 
         async def stream() -> AsyncIterator[str]:
-            while not closing.is_set():
-                job = db.get_job(job_id)
-                if job is None:
-                    return
-                yield f"event: progress\ndata: {job_view(sched, job).model_dump_json()}\n\n"
-                if job.status in (*TERMINAL, "paused"):
-                    yield f"event: end\ndata: {{\"status\": \"{job.status}\"}}\n\n"
-                    return
-                try:
-                    await asyncio.wait_for(closing.wait(), config.sse_every_s)
-                except TimeoutError:
-                    pass
+            try:
+                while not closing.is_set():
+                    job = db.get_job(job_id)
+                    if job is None:
+                        return
+                    yield f"event: progress\ndata: {job_view(sched, job).model_dump_json()}\n\n"
+                    if job.status in (*TERMINAL, "paused"):
+                        yield f"event: end\ndata: {{\"status\": \"{job.status}\"}}\n\n"
+                        return
+                    try:
+                        await asyncio.wait_for(closing.wait(), config.sse_every_s)
+                    except TimeoutError:
+                        pass
+            finally:
+                release()
 
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        # The background task runs even when the client went away before the generator was entered.
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}, background=BackgroundTask(release))
 
     @app.get("/jobs/{job_id}/dead-letters", response_model=list[DeadLetterView], tags=["jobs"])
     async def dead_letters(job_id: str, request: Request, limit: int = Query(1000, ge=1, le=100000), user: User = Depends(current_user)) -> list[DeadLetterView]:
@@ -504,6 +619,12 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
             DeadLetterView(row_id=d.row_id, chunk_index=d.chunk_index, reason=d.reason, raw=d.raw[:2000] if d.raw else None)
             for d in _sched(request).store.dead_letters(job_id, limit=limit)
         ]
+
+    @app.get("/jobs/{job_id}/deliveries", response_model=list[DeliveryView], tags=["jobs"])
+    async def deliveries(job_id: str, request: Request, user: User = Depends(current_user)) -> list[DeliveryView]:
+        """The job's webhook deliveries: attempts, state, last error and next try."""
+        _visible_job(request, user, job_id)
+        return [delivery_view(d) for d in _db(request).job_deliveries(job_id)]
 
     @app.get("/jobs/{job_id}/output", tags=["jobs"], response_class=FileResponse, responses={200: {"content": {"application/octet-stream": {}}}, 409: {"description": "Not finished."}})
     async def output(job_id: str, request: Request, user: User = Depends(current_user)) -> FileResponse:
@@ -562,11 +683,15 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
 
     @app.patch("/users/{name}", response_model=UserView, tags=["operators"])
     async def update_user(name: str, body: UserPatch, request: Request, op: User = Depends(operator)) -> UserView:
-        """Change a user's weight (applied at once to the lanes they use), quotas or default webhook; null clears a quota."""
+        """Change a user's weight (applied at once to the lanes they use), quotas, default webhook or caps; null clears one."""
         db, sched = _db(request), _sched(request)
-        if db.get_user(name) is None:
+        target = db.get_user(name)
+        if target is None:
             raise HTTPException(404, f"There is no user {name}.")
-        changes = {k: getattr(body, k) for k in body.model_fields_set}
+        changes = {k: getattr(body, k) for k in body.model_fields_set if k not in Caps.model_fields}
+        cap_changes = {k: getattr(body, k) for k in body.model_fields_set if k in Caps.model_fields}
+        if cap_changes:
+            changes["caps_json"] = target.caps.model_copy(update=cap_changes).model_dump_json(exclude_none=True)
         if "weight" in changes and changes["weight"] is None:
             raise HTTPException(400, "A weight must be a positive number.")
         db.update_user(name, **changes)
@@ -580,16 +705,56 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
 
     @app.post("/credentials", response_model=CredentialView, status_code=201, tags=["operators"])
     async def put_credential(body: CredentialIn, request: Request, op: User = Depends(operator)) -> CredentialView:
-        """Add or replace a named provider key; users name it in jobs and never see the key."""
-        _db(request).put_credential(body.name, body.provider, body.base_url, body.api_key)
+        """Add or replace a named provider key (stored encrypted; its grants stay); users it is granted to name it in
+        jobs and never see the key."""
+        db = _db(request)
+        db.put_credential(
+            body.name, body.provider, body.base_url, body.api_key, show_base_url=body.show_base_url,
+            cache_shared=body.cache_shared, prices={m: p.model_dump() for m, p in body.prices.items()},
+        )
         log.info("credential stored", extra={"user": op.name, "event": f"credential {body.name}"})
-        return CredentialView(name=body.name, provider=body.provider, base_url=body.base_url)
+        cred = db.get_credential(body.name)
+        assert cred is not None
+        return credential_view(db, cred, op)
 
     @app.delete("/credentials/{name}", status_code=204, tags=["operators"])
     async def delete_credential(name: str, request: Request, _: User = Depends(operator)) -> Response:
         if not _db(request).remove_credential(name):
             raise HTTPException(404, f"There is no credential {name}.")
         return Response(status_code=204)
+
+    @app.put("/credentials/{name}/users/{user_name}", response_model=CredentialView, tags=["operators"])
+    async def grant_credential(name: str, user_name: str, request: Request, op: User = Depends(operator)) -> CredentialView:
+        """Let a user name this credential in their jobs."""
+        db = _db(request)
+        cred = db.get_credential(name)
+        if cred is None or db.get_user(user_name) is None:
+            raise HTTPException(404, f"There is no credential {name} or no user {user_name}.")
+        db.grant(name, user_name)
+        log.info("credential granted", extra={"user": op.name, "event": f"grant {name} to {user_name}"})
+        return credential_view(db, cred, op)
+
+    @app.delete("/credentials/{name}/users/{user_name}", status_code=204, tags=["operators"])
+    async def revoke_credential(name: str, user_name: str, request: Request, op: User = Depends(operator)) -> Response:
+        """Stop a user from naming this credential; their jobs on it fail at their next start."""
+        if not _db(request).revoke(name, user_name):
+            raise HTTPException(404, f"The credential {name} is not granted to {user_name}.")
+        log.info("credential revoked", extra={"user": op.name, "event": f"revoke {name} from {user_name}"})
+        return Response(status_code=204)
+
+    @app.get("/settings", response_model=Settings, tags=["operators"])
+    async def get_settings(request: Request, _: User = Depends(operator)) -> Settings:
+        """Server-wide caps and prices."""
+        return _sched(request).settings
+
+    @app.put("/settings", response_model=Settings, tags=["operators"])
+    async def put_settings(body: Settings, request: Request, op: User = Depends(operator)) -> Settings:
+        """Replace the server-wide caps and prices (a user's own caps, set with PATCH /users/{name}, win over these)."""
+        sched = _sched(request)
+        sched.put_settings(body)
+        request.app.state.max_body = body.max_body_bytes or DEFAULT_MAX_BODY_BYTES
+        log.info("settings changed", extra={"user": op.name, "event": "settings"})
+        return sched.settings
 
     @app.get("/lanes", response_model=list[LaneView], tags=["operators"])
     async def lanes(request: Request, _: User = Depends(operator)) -> list[LaneView]:
@@ -598,7 +763,7 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
 
     @app.put("/lanes/{key}/limits", response_model=LaneView, tags=["operators"])
     async def set_lane_limits(key: str, body: LaneLimitsIn, request: Request, op: User = Depends(operator)) -> LaneView:
-        """Set a lane's limits, live (null: use the jobs' own limits)."""
+        """Set a lane's limits, live (null: what the provider's headers say). A job's own limits only slow that job."""
         db, sched = _db(request), _sched(request)
         if db.get_lane(key) is None:
             raise HTTPException(404, f"There is no lane {key}.")

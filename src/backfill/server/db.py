@@ -1,5 +1,6 @@
-"""The server's own tables (users, credentials, uploads, jobs as submitted, spend per day, lanes, webhook
-deliveries) in one SQLite file under the data directory, next to the engine's ledger."""
+"""The server's own tables (users, credentials and their grants, settings, uploads, jobs as submitted, spend
+per day, lanes, webhook deliveries) in one SQLite file under the data directory, next to the engine's ledger.
+Provider keys are stored Fernet-encrypted only."""
 
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from backfill.errors import BackfillError
+from backfill.server.caps import Caps, Settings, caps_from_json
+from backfill.server.secrets import SECRET_ENV, SecretBox
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
@@ -23,14 +28,28 @@ CREATE TABLE IF NOT EXISTS users (
     usd_per_month REAL,
     webhook_url TEXT,
     webhook_secret TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    caps TEXT
 );
 CREATE TABLE IF NOT EXISTS credentials (
     name TEXT PRIMARY KEY,
     provider TEXT NOT NULL,
     base_url TEXT,
     api_key TEXT,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    api_key_enc TEXT,
+    show_base_url INTEGER NOT NULL DEFAULT 0,
+    cache_shared INTEGER NOT NULL DEFAULT 0,
+    prices TEXT
+);
+CREATE TABLE IF NOT EXISTS grants (
+    credential TEXT NOT NULL,
+    user TEXT NOT NULL,
+    PRIMARY KEY (credential, user)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS uploads (
     id TEXT PRIMARY KEY,
@@ -52,7 +71,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     reason TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    cache_scope TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_owner ON jobs (owner, created);
 CREATE TABLE IF NOT EXISTS spend (
@@ -82,6 +102,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 """
 
+# Columns added after the first release: (table, column, declaration), added to an older file on open.
+_ADDED = [
+    ("users", "caps", "TEXT"),
+    ("credentials", "api_key_enc", "TEXT"),
+    ("credentials", "show_base_url", "INTEGER NOT NULL DEFAULT 0"),
+    ("credentials", "cache_shared", "INTEGER NOT NULL DEFAULT 0"),
+    ("credentials", "prices", "TEXT"),
+    ("jobs", "cache_scope", "TEXT"),
+]
+_CREDENTIAL_COLUMNS = "name, provider, base_url, api_key_enc, api_key, created, show_base_url, cache_shared, prices"
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -97,10 +128,15 @@ class User:
     webhook_url: str | None
     webhook_secret: str
     created: float
+    caps_json: str | None = None
 
     @property
     def is_operator(self) -> bool:
         return self.role == "operator"
+
+    @property
+    def caps(self) -> Caps:
+        return caps_from_json(self.caps_json)
 
 
 @dataclass(slots=True)
@@ -108,8 +144,11 @@ class Credential:
     name: str
     provider: str
     base_url: str | None
-    api_key: str | None
+    api_key: str | None  # decrypted when read; never stored in the clear
     created: float
+    show_base_url: bool  # users may see the base URL
+    cache_shared: bool  # one response cache for every user of this credential (default: one per user)
+    prices: dict[str, Any]  # USD per 1M tokens by model, over the server-wide table
 
 
 @dataclass(slots=True)
@@ -136,6 +175,7 @@ class ServerJob:
     reason: str | None
     created: float
     updated: float
+    cache_scope: str = ""  # the response cache it reads and fills, fixed at submit so a resume finds its answers
 
 
 @dataclass(slots=True)
@@ -161,24 +201,44 @@ class Delivery:
     last_error: str | None
 
 
+def private_dir(path: Path) -> None:
+    """Create `path` (and its parents) readable by this user only; an existing one is made so too."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
 def today(now: float | None = None) -> str:
     """The UTC day that spend quotas count in."""
     return datetime.fromtimestamp(now if now is not None else time.time(), UTC).strftime("%Y-%m-%d")
 
 
 class ServerDB:
-    """The server's tables. Used from one thread (the server's event loop, or the `users` CLI)."""
+    """The server's tables. Used from one thread (the server's event loop, or the `users` CLI).
 
-    def __init__(self, path: str | Path):
+    `box` encrypts provider keys; without it, a credential with a key cannot be stored or read.
+    """
+
+    def __init__(self, path: str | Path, box: SecretBox | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.box = box
+        private_dir(self.path.parent)
         fresh = not self.path.exists()
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         if fresh:
-            os.chmod(self.path, 0o600)  # it holds the provider keys
+            os.chmod(self.path, 0o600)  # SQLite gives its -wal and -shm files the same mode
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        if box is not None:
+            self._encrypt_legacy_keys(box)
+
+    def _encrypt_legacy_keys(self, box: SecretBox) -> None:
+        """Keys stored in the clear by an older version are encrypted, and the clear copy erased."""
+        for name, key in self._db.execute("SELECT name, api_key FROM credentials WHERE api_key IS NOT NULL").fetchall():
+            self._db.execute("UPDATE credentials SET api_key_enc = ?, api_key = NULL WHERE name = ?", (box.encrypt(key), name))
 
     def close(self) -> None:
         self._db.close()
@@ -206,33 +266,95 @@ class ServerDB:
         return [User(*r) for r in self._db.execute("SELECT * FROM users ORDER BY name")]
 
     def update_user(self, name: str, **fields: Any) -> None:
-        allowed = {"role", "token_hash", "weight", "max_jobs", "usd_per_day", "usd_per_month", "webhook_url"}
+        allowed = {"role", "token_hash", "weight", "max_jobs", "usd_per_day", "usd_per_month", "webhook_url", "caps_json"}
         sets = [k for k in fields if k in allowed]
         if sets:
+            columns = {"caps_json": "caps"}
             self._db.execute(
-                f"UPDATE users SET {', '.join(f'{k} = ?' for k in sets)} WHERE name = ?",
+                f"UPDATE users SET {', '.join(f'{columns.get(k, k)} = ?' for k in sets)} WHERE name = ?",
                 [fields[k] for k in sets] + [name],
             )
 
     def remove_user(self, name: str) -> bool:
+        self._db.execute("DELETE FROM grants WHERE user = ?", (name,))
         return self._db.execute("DELETE FROM users WHERE name = ?", (name,)).rowcount > 0
 
-    # --- credentials ------------------------------------------------------------
+    # --- credentials and grants ----------------------------------------------------
 
-    def put_credential(self, name: str, provider: str, base_url: str | None, api_key: str | None) -> None:
+    def put_credential(
+        self, name: str, provider: str, base_url: str | None, api_key: str | None, *,
+        show_base_url: bool = False, cache_shared: bool = False, prices: dict[str, Any] | None = None,
+    ) -> None:
+        """Add or replace a credential (its grants stay); refused without a secret key to encrypt its key with."""
+        encrypted = None
+        if api_key is not None:
+            if self.box is None:
+                raise BackfillError(
+                    f"This server has no secret key to encrypt provider keys with; set {SECRET_ENV} (or pass"
+                    " --secret-key-file), from `backfill credentials new-key`, then add the credential again."
+                )
+            encrypted = self.box.encrypt(api_key)
         self._db.execute(
-            "INSERT OR REPLACE INTO credentials VALUES (?, ?, ?, ?, ?)", (name, provider, base_url, api_key, time.time())
+            "INSERT OR REPLACE INTO credentials (name, provider, base_url, api_key, created, api_key_enc, show_base_url,"
+            " cache_shared, prices) VALUES (?, ?, ?, NULL, ?, ?, ?, ?, ?)",
+            (name, provider, base_url, time.time(), encrypted, int(show_base_url), int(cache_shared), json.dumps(prices or {})),
         )
 
     def get_credential(self, name: str) -> Credential | None:
-        row = self._db.execute("SELECT * FROM credentials WHERE name = ?", (name,)).fetchone()
-        return None if row is None else Credential(*row)
+        row = self._db.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials WHERE name = ?", (name,)).fetchone()
+        return None if row is None else self._credential(row)
 
-    def list_credentials(self) -> list[Credential]:
-        return [Credential(*r) for r in self._db.execute("SELECT * FROM credentials ORDER BY name")]
+    def list_credentials(self, user: str | None = None) -> list[Credential]:
+        """Every credential, or with `user` those granted to that user."""
+        if user is None:
+            rows = self._db.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials ORDER BY name")
+        else:
+            rows = self._db.execute(
+                f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials WHERE name IN (SELECT credential FROM grants WHERE user = ?) ORDER BY name",
+                (user,),
+            )
+        return [self._credential(r, decrypt=False) for r in rows.fetchall()]
 
     def remove_credential(self, name: str) -> bool:
+        self._db.execute("DELETE FROM grants WHERE credential = ?", (name,))
         return self._db.execute("DELETE FROM credentials WHERE name = ?", (name,)).rowcount > 0
+
+    def _credential(self, row: tuple[Any, ...], decrypt: bool = True) -> Credential:
+        name, provider, base_url, encrypted, legacy, created, show, shared, prices = row
+        key = legacy
+        if encrypted is not None and decrypt:
+            if self.box is None:
+                raise BackfillError(f"The key of credential {name} is encrypted and this server has no secret key; set {SECRET_ENV}.")
+            key = self.box.decrypt(encrypted)
+        return Credential(name, provider, base_url, key, created, bool(show), bool(shared), json.loads(prices or "{}"))
+
+    def rotate_keys(self, box: SecretBox) -> int:
+        """Re-encrypt every stored key under `box`'s first key; returns how many."""
+        rows = self._db.execute("SELECT name, api_key_enc FROM credentials WHERE api_key_enc IS NOT NULL").fetchall()
+        for name, token in rows:
+            self._db.execute("UPDATE credentials SET api_key_enc = ? WHERE name = ?", (box.rotate(token), name))
+        return len(rows)
+
+    def grant(self, credential: str, user: str) -> None:
+        self._db.execute("INSERT OR IGNORE INTO grants VALUES (?, ?)", (credential, user))
+
+    def revoke(self, credential: str, user: str) -> bool:
+        return self._db.execute("DELETE FROM grants WHERE credential = ? AND user = ?", (credential, user)).rowcount > 0
+
+    def granted(self, credential: str, user: str) -> bool:
+        return self._db.execute("SELECT 1 FROM grants WHERE credential = ? AND user = ?", (credential, user)).fetchone() is not None
+
+    def grantees(self, credential: str) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT user FROM grants WHERE credential = ? ORDER BY user", (credential,))]
+
+    # --- settings ---------------------------------------------------------------------
+
+    def get_settings(self) -> Settings:
+        row = self._db.execute("SELECT value FROM settings WHERE key = 'server'").fetchone()
+        return Settings.model_validate_json(row[0]) if row else Settings()
+
+    def put_settings(self, settings: Settings) -> None:
+        self._db.execute("INSERT OR REPLACE INTO settings VALUES ('server', ?)", (settings.model_dump_json(),))
 
     # --- uploads ------------------------------------------------------------------
 
@@ -246,14 +368,25 @@ class ServerDB:
         row = self._db.execute("SELECT * FROM uploads WHERE id = ?", (upload_id,)).fetchone()
         return None if row is None else Upload(*row)
 
+    def uploads_before(self, created: float) -> list[Upload]:
+        return [Upload(*r) for r in self._db.execute("SELECT * FROM uploads WHERE created < ?", (created,))]
+
+    def remove_upload(self, upload_id: str) -> None:
+        self._db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
+
+    def input_in_use(self, path: str) -> bool:
+        """Whether a job that may still run reads `path`."""
+        rows = self._db.execute("SELECT spec FROM jobs WHERE status NOT IN ('succeeded', 'failed', 'cancelled')")
+        return any(json.loads(r[0]).get("input", {}).get("path") == path for r in rows)
+
     # --- jobs -----------------------------------------------------------------------
 
     def add_job(self, job: ServerJob) -> None:
         self._db.execute(
-            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 job.id, job.owner, job.credential, job.priority, job.webhook_url, json.dumps(job.spec),
-                job.rows_total, job.output_path, job.status, job.reason, job.created, job.updated,
+                job.rows_total, job.output_path, job.status, job.reason, job.created, job.updated, job.cache_scope,
             ),
         )
 
@@ -302,6 +435,7 @@ class ServerDB:
     def _job(row: tuple[Any, ...]) -> ServerJob:
         values = list(row)
         values[5] = json.loads(values[5])
+        values[12] = values[12] or ""
         return ServerJob(*values)
 
     # --- spend ------------------------------------------------------------------------
@@ -357,6 +491,14 @@ class ServerDB:
         self._db.execute(
             "UPDATE deliveries SET done = 1, attempts = ?, last_error = ? WHERE id = ?", (attempts, error, delivery_id)
         )
+
+    def delivery_hold(self, delivery_id: int, until: float) -> None:
+        """A delivery being sent is not due again before `until` (its timeout, with a margin)."""
+        self._db.execute("UPDATE deliveries SET next_at = ? WHERE id = ?", (until, delivery_id))
+
+    def job_deliveries(self, job_id: str) -> list[Delivery]:
+        rows = self._db.execute("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
+        return [Delivery(*r) for r in rows]
 
     def delivery_retry(self, delivery_id: int, attempts: int, next_at: float, error: str) -> None:
         self._db.execute(

@@ -3,6 +3,7 @@ and the limiter wrapper that counts each request as it is admitted and answered.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -42,6 +43,22 @@ class Metrics:
         self.jobs = Gauge("backfill_jobs", "Jobs by status.", ("status",), registry=r)
         self.lane_rpm = Gauge("backfill_lane_rpm_limit", "Requests/min limit in force on a lane.", ("lane",), registry=r)
         self.lane_in_flight = Gauge("backfill_lane_in_flight", "Requests in flight on a lane.", ("lane",), registry=r)
+        # Per user totals outlive the per-job series, which are removed when a job's run ends.
+        self.user_requests = Counter("backfill_user_requests", "Requests sent, by lane and user.", ("lane", "user"), registry=r)
+        self.user_cost = Counter("backfill_user_cost_usd", "Spend in USD, by lane and user.", ("lane", "user"), registry=r)
+
+    def forget_job(self, lane: str, user: str, job_id: str) -> None:
+        """Drop a job's label sets once its run ended, so the series do not grow with every job ever run."""
+        labels = (lane, user, job_id)
+        for family in (self.requests, self.rate_limited, self.errors, self.cost):
+            with contextlib.suppress(KeyError):
+                family.remove(*labels)
+        for direction in ("input", "output"):
+            with contextlib.suppress(KeyError):
+                self.tokens.remove(*labels, direction)
+        for outcome in ("ok", "dead_letter"):
+            with contextlib.suppress(KeyError):
+                self.rows.remove(*labels, outcome)
 
 
 @dataclass
@@ -60,6 +77,7 @@ class MeteredLimiter(LaneLimiter):
         self._inner = inner
         self._lane = lane
         self._requests = metrics.requests.labels(lane_key, user, job_id)
+        self._user_requests = metrics.user_requests.labels(lane_key, user)
         self._limited = metrics.rate_limited.labels(lane_key, user, job_id)
         self._errors = metrics.errors.labels(lane_key, user, job_id)
         self._latency = metrics.latency.labels(lane_key, user)
@@ -68,6 +86,7 @@ class MeteredLimiter(LaneLimiter):
         ticket = await self._inner.acquire(input_tokens, output_tokens)
         self._lane.admitted += 1
         self._requests.inc()
+        self._user_requests.inc()
         return ticket
 
     def release(self, ticket: Ticket, *, usage: Usage | None = None, rate: RateLimitInfo | None = None, success: bool = True) -> None:

@@ -4,6 +4,8 @@ pause / resume / cancel, spend accounting, restart recovery, and the live series
 Fair share: one `FairShare` per lane over one `Limiter`. Each running job is a share named by its id,
 weighted `user weight × job priority ÷ (sum of that user's job priorities on the lane)`: between users
 the lane splits by the operator's weights (equal by default), and within one user by priority.
+A lane's limits come from the operator or the provider's headers; a job's own spec limits are an
+`OwnLimit` in front of its share, so they slow that job only, and nothing of a job stays on the lane.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from backfill.engine import run_job
-from backfill.engine.fairshare import FairShare
+from backfill.engine.fairshare import FairShare, OwnLimit
 from backfill.engine.runner import JobRunner, RunResult
 from backfill.errors import BackfillError, BudgetExceeded
 from backfill.limits import LaneLimiter, LaneLimits, Limiter
-from backfill.server.db import ServerDB, ServerJob, User
+from backfill.server.caps import Caps, Settings, fair_jobs_per_user
+from backfill.server.db import Credential, ServerDB, ServerJob, User
+from backfill.server.inputs import expire_uploads
 from backfill.server.logs import log
 from backfill.server.metrics import LaneCounters, MeteredLimiter, Metrics
 from backfill.server.webhooks import Webhooks
@@ -60,7 +64,7 @@ class Lane:
 
     key: str
     lane_id: str
-    base: LaneLimits  # from the first job's spec; the operator's settings override it
+    base: LaneLimits  # none of a job's limits: learned from headers; the operator's settings override it
     limiter: Limiter
     fair: FairShare
     counters: LaneCounters = field(default_factory=LaneCounters)
@@ -105,6 +109,22 @@ class RunningJob:
             self.runner.stop(JobStatus.PAUSED, self.stop_reason or "paused", cause=cause)
 
 
+def cache_scope(owner: str, cred: Credential | None) -> str:
+    """Whose answers a job may reuse: its owner's on the same credential, or the team's where the operator shared
+    that credential's cache. One user never gets another's answer, nor learns from a hit what another sent."""
+    if cred is None:
+        return f"owner:{owner}"
+    if cred.cache_shared:
+        return f"credential:{cred.name}"
+    return f"credential:{cred.name}|owner:{owner}"
+
+
+def operator_prices(settings: Settings, cred: Credential | None) -> dict[str, Any]:
+    """The table the server bills by: the server-wide prices, then the credential's own."""
+    prices = {m: p.model_dump() for m, p in settings.prices.items()}
+    return {**prices, **(cred.prices if cred is not None else {})}
+
+
 def lane_key(lane_id: str) -> str:
     return hashlib.sha256(lane_id.encode()).hexdigest()[:10]
 
@@ -128,6 +148,7 @@ class Scheduler:
         max_running: int = 16,
         tick_s: float = 0.5,
         shutdown_grace_s: float = 15.0,
+        sweep_every_s: float = 60.0,
     ):
         self.db = db
         self.data_dir = data_dir
@@ -143,6 +164,10 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_series = 0.0
+        self.sweep_every_s = sweep_every_s
+        self._last_sweep = 0.0
+        self._closing = False
+        self._settings: Settings | None = None  # read once per change: quotas are checked for every queued job each tick
 
     # --- life -----------------------------------------------------------------
 
@@ -169,6 +194,13 @@ class Scheduler:
             await lane.fair.close()
         self.store.close()
 
+    def stop_dispatch(self) -> None:
+        """On SIGTERM, before the HTTP server drains: start no job and send nothing more; `close` then waits
+        for the answers in flight."""
+        self._closing = True
+        for rj in self.running.values():
+            rj.stop("shutdown", "server stopping")
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -181,7 +213,9 @@ class Scheduler:
             self._wake.clear()
             try:
                 self._account()
-                self._schedule()
+                if not self._closing:
+                    self._schedule()
+                self._sweep_uploads()
             except Exception:  # one bad tick must not stop the scheduler
                 log.exception("scheduler tick failed")
 
@@ -206,10 +240,31 @@ class Scheduler:
             per_user[user.name] += 1
             self._start(job)
 
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = self.db.get_settings()
+        return self._settings
+
+    def put_settings(self, settings: Settings) -> None:
+        self.db.put_settings(settings)
+        self._settings = None
+        self.wake()
+
+    def caps_for(self, user: User) -> Caps:
+        """The caps a user's jobs are held to: the server's, with the user's own where the operator set them."""
+        return self.settings.over(user.caps)
+
+    def max_jobs_for(self, user: User) -> int:
+        if user.max_jobs is not None:
+            return user.max_jobs
+        return self.settings.max_jobs_per_user or fair_jobs_per_user(self.max_running)
+
     def quota_block(self, user: User, running: int) -> str | None:
         """Why `user` may not start another job now, or None."""
-        if user.max_jobs is not None and running >= user.max_jobs:
-            return f"waiting for quota: {user.name} may run {user.max_jobs} job(s) at once"
+        max_jobs = self.max_jobs_for(user)
+        if running >= max_jobs:
+            return f"waiting for quota: {user.name} may run {max_jobs} job(s) at once"
         day, month = self.db.spend(user.name)
         if user.usd_per_day is not None and day >= user.usd_per_day:
             return f"waiting for quota: today's spend ${day:.2f} reached the daily ${user.usd_per_day:.2f}; resumes at 00:00 UTC"
@@ -232,13 +287,16 @@ class Scheduler:
         event: str | None = None
         cause: StopCause | None = None
         try:
-            spec = build_spec(job.spec)
+            cred = self._credential(job)
+            # Billed by the operator's prices as they are now, never by any the job brought.
+            spec = build_spec({**job.spec, "prices": operator_prices(self.settings, cred)})
             result: RunResult = await run_job(
                 spec,
                 state_dir=self.data_dir,
                 on_start=rj.attach,
-                api_key=self._api_key(job),
+                api_key=cred.api_key if cred is not None else None,
                 limiter_for=lambda lane_id, limits: self._limiter_for(rj, lane_id, limits),
+                cache_scope=job.cache_scope or cache_scope(job.owner, cred),
             )
             status, reason, cause = result.status, result.reason, result.cause
         except BudgetExceeded as e:
@@ -252,6 +310,7 @@ class Scheduler:
             status, reason = "failed", f"internal error ({type(e).__name__}); the server log has the details"
         finally:
             self._account_job(rj, time.time(), force_point=True)
+            self.metrics.forget_job(rj.lane.key if rj.lane else "-", job.owner, job.id)
             self._leave_lane(rj)
             self.running.pop(job.id, None)
             self._finished_series[job.id] = rj.series
@@ -297,13 +356,13 @@ class Scheduler:
         }
         self.webhooks.notify(job.id, job.owner, url, payload["event"], payload)
 
-    def _api_key(self, job: ServerJob) -> str | None:
+    def _credential(self, job: ServerJob) -> Credential | None:
         if job.credential is None:
             return None
         cred = self.db.get_credential(job.credential)
-        if cred is None:
-            raise BackfillError(f"The credential {job.credential} was removed; ask an operator to add it back, then resume the job.")
-        return cred.api_key
+        if cred is None or not self.db.granted(cred.name, job.owner):
+            raise BackfillError(f"The credential {job.credential} was removed or revoked; ask an operator to grant it, then resume the job.")
+        return cred
 
     # --- lanes and fair share ------------------------------------------------------
 
@@ -312,11 +371,12 @@ class Scheduler:
         lane = self.lanes.get(key)
         if lane is None:
             row = self.db.ensure_lane(key, lane_name(lane_id))
-            limiter = Limiter(self._effective(limits, row.rpm, row.tpm, row.max_in_flight))
-            lane = self.lanes[key] = Lane(key, lane_id, limits, limiter, FairShare(limiter))
+            base = LaneLimits(refund_output=limits.refund_output)
+            limiter = Limiter(self._effective(base, row.rpm, row.tpm, row.max_in_flight))
+            lane = self.lanes[key] = Lane(key, lane_id, base, limiter, FairShare(limiter))
         rj.lane = lane
         lane.members[rj.job.id] = (rj.job.owner, rj.job.priority)
-        view = lane.fair.for_job(rj.job.id)
+        view = OwnLimit(Limiter(limits, learn=False), lane.fair.for_job(rj.job.id))
         self._reweight(lane, rj.job.owner)
         return MeteredLimiter(view, lane.counters, self.metrics, key, rj.job.owner, rj.job.id)
 
@@ -330,7 +390,7 @@ class Scheduler:
         )
 
     def set_lane_limits(self, key: str, rpm: float | None, tpm: float | None, max_in_flight: int | None) -> None:
-        """The operator's limits for a lane (None: the jobs' own); applied at once to a lane in use."""
+        """The operator's limits for a lane (None: what the provider's headers say); applied at once to a lane in use."""
         self.db.set_lane_limits(key, rpm, tpm, max_in_flight)
         lane = self.lanes.get(key)
         if lane is not None:
@@ -410,6 +470,7 @@ class Scheduler:
             delta = s.cost_usd - rj.last_cost
             self.db.add_spend(job.owner, delta)
             m.cost.labels(*labels).inc(delta)
+            m.user_cost.labels(key, job.owner).inc(delta)
             rj.last_cost = s.cost_usd
         if s.input_tokens > rj.last_in:
             m.tokens.labels(*labels, "input").inc(s.input_tokens - rj.last_in)
@@ -439,6 +500,23 @@ class Scheduler:
                 for rj in self.running.values():
                     if rj.job.owner == owner and rj.stop_as is None:
                         rj.stop("quota", reason)
+
+    def _sweep_uploads(self) -> None:
+        now = time.time()
+        if now - self._last_sweep < self.sweep_every_s:
+            return
+        self._last_sweep = now
+        retention: dict[str, float | None] = {}
+
+        def days(owner: str) -> float | None:
+            if owner not in retention:
+                user = self.db.get_user(owner)
+                retention[owner] = self.caps_for(user).upload_retention_days if user else self.settings.upload_retention_days
+            return retention[owner]
+
+        removed = expire_uploads(self.db, now, days)
+        if removed:
+            log.info("uploads expired", extra={"event": f"{removed} upload(s) past their retention deleted"})
 
     def _sample_lanes(self, now: float) -> None:
         for lane in self.lanes.values():

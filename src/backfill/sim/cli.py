@@ -31,18 +31,18 @@ def sim_command(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on; 0 picks a free one.")] = 8765,
     key: Annotated[
-        list[str] | None, typer.Option("--key", help="An API key to accept (repeatable); default: accept any key.")
+        list[str] | None, typer.Option("--key", help="An API key to accept (repeatable).", show_default="accept any key")
     ] = None,
-    rpm: Annotated[float | None, typer.Option(help="Requests per minute per key and model.")] = None,
-    tpm: Annotated[float | None, typer.Option(help="OpenAI tokens per minute (prompt + max_tokens).")] = None,
-    input_tpm: Annotated[float | None, typer.Option(help="Anthropic input tokens per minute.")] = None,
-    output_tpm: Annotated[float | None, typer.Option(help="Anthropic output tokens per minute.")] = None,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute per key and model.", show_default="no limit")] = None,
+    tpm: Annotated[float | None, typer.Option(help="OpenAI tokens per minute (prompt + max_tokens).", show_default="no limit")] = None,
+    input_tpm: Annotated[float | None, typer.Option(help="Anthropic input tokens per minute.", show_default="no limit")] = None,
+    output_tpm: Annotated[float | None, typer.Option(help="Anthropic output tokens per minute.", show_default="no limit")] = None,
     burst_s: Annotated[float, typer.Option(help="Seconds of each limit that may be spent at once.")] = 1.0,
     latency: Annotated[float, typer.Option(help="Mean seconds to answer a request of mean output length.")] = 0.0,
     latency_sigma: Annotated[float, typer.Option(help="Lognormal spread of the latency.")] = 0.5,
     ttft: Annotated[float, typer.Option(help="Mean seconds to the first token (part of --latency).")] = 0.0,
     output_tokens: Annotated[float, typer.Option(help="Mean output tokens of a text answer.")] = 64.0,
-    max_concurrency: Annotated[int | None, typer.Option(help="Requests served at once; the rest queue.")] = None,
+    max_concurrency: Annotated[int | None, typer.Option(help="Requests served at once; the rest queue.", show_default="no limit")] = None,
     error_rate_500: Annotated[float, typer.Option(help="Fraction of requests answered 500.")] = 0.0,
     error_rate_503: Annotated[float, typer.Option(help="Fraction of requests answered 503.")] = 0.0,
     error_rate_529: Annotated[
@@ -57,22 +57,22 @@ def sim_command(
         bool, typer.Option(help="Refuse every request as out of quota (insufficient_quota).")
     ] = False,
     outage: Annotated[
-        list[str] | None, typer.Option(help="Refuse every request with STATUS from START to END seconds after start, written like 30:40:429 (repeatable).")
+        list[str] | None, typer.Option(help="Refuse every request with STATUS from START to END seconds after start, written like 30:40:429 (repeatable).", show_default="none")
     ] = None,
     reject_json_schema: Annotated[
         int | None,
-        typer.Option(help="Refuse response_format json_schema with this status (400, 422 or 500), as servers without it do."),
+        typer.Option(help="Refuse response_format json_schema with this status (400, 422 or 500), as servers without it do.", show_default="accepted"),
     ] = None,
     reject_json_object: Annotated[
         int | None,
-        typer.Option(help="Refuse response_format json_object (with or without a schema) with this status (400, 422 or 500)."),
+        typer.Option(help="Refuse response_format json_object (with or without a schema) with this status (400, 422 or 500).", show_default="accepted"),
     ] = None,
     models: Annotated[
-        str | None, typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.")
+        str | None, typer.Option(help="Comma-separated models to serve, NAME or NAME:CONTEXT_WINDOW.", show_default="any model")
     ] = None,
     embedding_dim: Annotated[int, typer.Option(help="Default embedding dimension.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the fault and latency draws.")] = 0,
-    log: Annotated[Path | None, typer.Option("--log", help="Append every request to this JSONL file.")] = None,
+    log: Annotated[Path | None, typer.Option("--log", help="Append every request to this JSONL file.", show_default="no log")] = None,
 ) -> None:
     """Run a local OpenAI- and Anthropic-compatible server with rate limits, latency and faults."""
     limits = KeyLimits(rpm=rpm, tpm=tpm, input_tpm=input_tpm, output_tpm=output_tpm, quota_exhausted=quota_exhausted)

@@ -147,6 +147,7 @@ MIGRATIONS: tuple[Migration, ...] = (
             " updated REAL NOT NULL, PRIMARY KEY (endpoint, model))"
         ),
     ),
+    Migration(7, "rows answered live", _statements("ALTER TABLE jobs ADD COLUMN rows_answered INTEGER NOT NULL DEFAULT 0")),
 )
 
 _RECORD_TABLE = "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT, applied REAL)"

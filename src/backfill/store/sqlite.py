@@ -70,6 +70,9 @@ class JobRecord:
     lease_holder: str | None  # e.g. "12345@hostA"; None when no process runs the job
     lease_until: float | None  # epoch seconds; a lease past this may be taken over
     answers: int  # billed answers (cached or not): output_tokens / answers is the mean answer length
+    # Rows answered (committed or not), all runs together, as the running process last wrote it with its
+    # heartbeat: ahead of rows_ok + rows_failed (committed chunks only) while the job runs.
+    rows_answered: int
 
     @property
     def rows_done(self) -> int:
@@ -388,10 +391,12 @@ class Store:
             raise StoreError(f"There is no job {job_id} in the ledger at {self.path}; create it before leasing it.")
         return row[0]
 
-    def heartbeat(self, job_id: str, holder: str, ttl_s: float = 30.0) -> bool:
-        """Extend our lease by `ttl_s` from now; False when it is no longer ours (another process took it over)."""
+    def heartbeat(self, job_id: str, holder: str, ttl_s: float = 30.0, *, rows_answered: int | None = None) -> bool:
+        """Extend our lease by `ttl_s` from now, and record the rows answered so far when given; False when the
+        lease is no longer ours (another process took it over)."""
         cursor = self._write(
-            "UPDATE jobs SET lease_until = ? WHERE id = ? AND lease_holder = ?", (time.time() + ttl_s, job_id, holder)
+            "UPDATE jobs SET lease_until = ?, rows_answered = COALESCE(?, rows_answered) WHERE id = ? AND lease_holder = ?",
+            (time.time() + ttl_s, rows_answered, job_id, holder),
         )
         return cursor.rowcount == 1
 

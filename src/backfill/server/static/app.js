@@ -137,7 +137,8 @@ async function refreshJob() {
   $("job-id").textContent = job.id;
   const st = $("job-status"); st.textContent = job.status; st.className = "badge " + job.status;
   $("job-reason").textContent = job.reason || "";
-  $("job-meta").textContent = job.model + " · owner " + job.owner + (job.credential ? " · credential " + job.credential : " · built-in simulator") + " · priority " + job.priority;
+  $("job-meta").textContent = job.model + " · owner " + job.owner + (job.credential ? " · credential " + job.credential : " · built-in simulator") + " · priority " + job.priority +
+    (job.cache === "shared" ? " · cache shared with the team" : " · cache private to " + job.owner);
   const done = job.rows_ok + job.rows_failed;
   $("job-bar").style.width = (job.rows_total ? (100 * done) / job.rows_total : 0).toFixed(1) + "%";
   $("rows-ok").textContent = num(job.rows_ok);
