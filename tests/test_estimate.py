@@ -127,3 +127,20 @@ async def test_the_running_mean_replaces_the_default_once_answers_arrive(tmp_pat
     assert after.rows_cached == 30 and after.expected_output_tokens == 0  # nothing left to pay for
     assert after.expected_output_source == "running mean of 30 answers"
     assert after.expected_output_per_row == round(sum(answered) / 30) != DEFAULT_EXPECTED_OUTPUT
+
+
+async def test_the_estimate_counts_as_free_only_answers_in_the_jobs_cache_scope(tmp_path: Path) -> None:
+    from backfill import engine
+
+    rows, state = make_rows(30), tmp_path / "state"
+    spec = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", output=str(tmp_path / "o.parquet"))
+    result = await engine.run_job(spec, data=rows, state_dir=state, cache_scope="owner:alice")
+    assert result.status.value == "succeeded"
+    other = from_options(prompt=PROMPT, model="gpt-4o-mini", provider="sim", output=str(tmp_path / "bob.parquet"))
+    store = Store(state / "backfill.db")
+    try:
+        plan = make_plan(other, rows, store=store)
+        assert estimate(plan, store, scope="owner:alice").rows_cached == 30
+        assert estimate(plan, store, scope="owner:bob").rows_cached == 0  # bob learns nothing of alice's prompts
+    finally:
+        store.close()

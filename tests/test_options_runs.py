@@ -79,3 +79,23 @@ def test_resume_says_what_is_left_and_a_cancelled_job_needs_force(tmp_path: Path
     resumed = runner.invoke(app, ["resume", job, "--state-dir", str(state), "--quiet", "--budget-usd", "1", "--force"])
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming job {job}: {done:,} rows already answered, {12 - done:,} left" in resumed.stderr
+
+
+def test_status_of_a_running_job_shows_rows_answered_beside_those_committed(tmp_path: Path) -> None:
+    from backfill.status import JobStatus
+    from backfill.store.sqlite import Store
+
+    store = Store(tmp_path / "backfill.db")
+    try:
+        spec = {"task": {"model": "gpt-4o-mini", "provider": "sim"}, "input": {"path": "in.parquet"}, "output": {"path": "o.parquet"}}
+        store.upsert_job("j00000000001", owner="local", spec=spec, input_fingerprint="f")
+        store.set_status("j00000000001", JobStatus.RUNNING)
+        assert store.try_lease("j00000000001", "1@host", 30) is None
+        assert store.heartbeat("j00000000001", "1@host", 30, rows_answered=40)
+    finally:
+        store.close()
+    result = CliRunner().invoke(app, ["status", "j000", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "40 more answered, not yet committed" in " ".join(result.stdout.split())  # wrapped at the console's width
+    as_json = json.loads(CliRunner().invoke(app, ["status", "j000", "--state-dir", str(tmp_path), "--json"]).stdout)
+    assert as_json["rows_answered"] == 40 and as_json["rows_ok"] == 0

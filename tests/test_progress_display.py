@@ -11,7 +11,8 @@ import time
 import pytest
 from rich.console import Console
 
-from backfill.engine.stats import Binding, JobStats
+from backfill.engine.stats import JobStats
+from backfill.limits import Bound
 from backfill.progress import LiveView, show_progress
 
 JOB_ID = "a1b2c3d4e5f6"
@@ -24,13 +25,13 @@ def busy_stats() -> JobStats:
         cost_usd=0.0123, rpm_limit=3_000, tpm_limit=2_000_000, unset_max_tokens_reserve=4096, rate_limited=2, retries=5,
     )
     stats.started = time.monotonic() - 30
-    stats.sample(Binding.TOKENS)
+    stats.sample(Bound.TOKENS)
     stats._samples[-1] = (time.monotonic() - 9, 0, 0, stats.rows_done, 0)  # nine seconds ago
     stats.rows_ok += 100
     # 80 requests of 400 prompt tokens in 9 s, each reserving 4,096 output tokens: 2.4M tokens/min reserved.
     stats.requests_sent, stats.input_tokens, stats.tokens_reserved = 80, 32_000, 80 * (400 + 4096)
     for _ in range(10):
-        stats.sample(Binding.TOKENS)
+        stats.sample(Bound.TOKENS)
     return stats
 
 

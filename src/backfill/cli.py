@@ -262,15 +262,6 @@ def _duration(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(seconds)) if seconds < 86400 else f"{seconds / 86400:.1f} days"
 
 
-def _find_job(store: Any, job: str) -> Any:
-    found = store.find_jobs(job)
-    if not found:
-        raise BackfillError(f"No job {job} in this state directory; `backfill jobs` lists them.")
-    if len(found) > 1:
-        raise BackfillError(f"Job id {job} is ambiguous ({len(found)} jobs); give more characters.")
-    return found[0]
-
-
 _RESUME_EXTRA = (
     inspect.Parameter("job", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Argument(..., help="Job id (a unique prefix is enough).", show_default=False)),
     inspect.Parameter("budget_usd", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[float], default=typer.Option(None, "--budget-usd", help="A new budget in USD (e.g. higher, after a budget stop).", show_default="the job's")),
@@ -285,7 +276,7 @@ def resume(**values: Any) -> None:
     settings = RunSettings.from_values(values)
     store = engine.open_store(settings.state_dir)
     try:
-        record = _find_job(store, values["job"])
+        record = store.find_job(values["job"])
     finally:
         store.close()
     _check_cancelled(record, settings.force)
@@ -302,10 +293,9 @@ def resume(**values: Any) -> None:
 def _rows_text(rec: JobRecord) -> str:
     """Rows as the run summary counts them: committed to the ledger (answers in flight are not yet counted)."""
     text = f"rows ok {rec.rows_ok:,}, dead letters {rec.rows_failed:,} of {rec.rows_total or 0:,} (committed)"
-    # A live count the running process writes with its heartbeat, where the ledger keeps one.
-    answered = getattr(rec, "rows_answered", None)
-    if rec.status is JobStatus.RUNNING and isinstance(answered, int) and answered > rec.rows_done:
-        text += f"; {answered - rec.rows_done:,} more answered, not yet committed"
+    # The running process writes its live count with each heartbeat (every few seconds).
+    if rec.status is JobStatus.RUNNING and rec.rows_answered > rec.rows_done:
+        text += f"; {rec.rows_answered - rec.rows_done:,} more answered, not yet committed"
     return text
 
 
@@ -315,7 +305,7 @@ def _job_dict(rec: JobRecord) -> dict[str, Any]:
         "job_id": rec.id, "status": rec.status.value, "stop_cause": rec.stop_cause.value if rec.stop_cause else None,
         "reason": rec.reason, "model": rec.spec["task"]["model"], "input": rec.spec["input"].get("path"),
         "output": rec.spec["output"].get("path"), "rows_total": rec.rows_total or 0, "rows_ok": rec.rows_ok,
-        "rows_failed": rec.rows_failed, "requests": rec.requests, "rate_limited": rec.rate_limited,
+        "rows_failed": rec.rows_failed, "rows_answered": max(rec.rows_answered, rec.rows_done), "requests": rec.requests, "rate_limited": rec.rate_limited,
         "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens, "cost_usd": rec.spent_usd,
         "lease_holder": rec.lease_holder, "updated": rec.updated,
     }
@@ -330,7 +320,7 @@ def status(
     """One job: status, rows, spend, dead letters and its latest events."""
     store = engine.open_store(state_dir)
     try:
-        rec = _find_job(store, job)
+        rec = store.find_job(job)
         dead = store.dead_letters(rec.id, limit=10)
         events = store.events(rec.id)[-5:]
         task = rec.spec["task"]
@@ -409,7 +399,7 @@ def cancel(job: str = typer.Argument(..., help="Job id (a unique prefix is enoug
     """Cancel a job; a running one stops within a second, keeping what is already written."""
     store = engine.open_store(state_dir)
     try:
-        rec = _find_job(store, job)
+        rec = store.find_job(job)
         if rec.status == JobStatus.RUNNING:
             store.request(rec.id, "cancel")
             out.print(f"job {rec.id}: cancel requested")
@@ -457,7 +447,7 @@ def cache_clear(
     seconds = parse_duration(older_than) if older_than else None
     store = engine.open_store(state_dir)
     try:
-        job_id = _find_job(store, job).id if job else None
+        job_id = store.find_job(job).id if job else None
         n = store.clear_cache(older_than_s=seconds, job_id=job_id)
     finally:
         store.close()

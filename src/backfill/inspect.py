@@ -25,7 +25,7 @@ from backfill.prompt import PromptTemplate
 from backfill.providers import get_provider
 from backfill.providers.base import without_userinfo
 from backfill.spec import build_spec
-from backfill.store import JobRecord, Store
+from backfill.store import CachedResponse, JobRecord, Store
 
 # Vector values shown in text; --json shows them all.
 _SHOWN_VALUES = 8
@@ -38,16 +38,6 @@ class RowState(str, enum.Enum):
 
 
 @dataclass
-class Answer:
-    text: str | None
-    embedding: list[float] | None
-    input_tokens: int
-    output_tokens: int
-    cached_tokens: int
-    cost_usd: float
-
-
-@dataclass
 class RowRequest:
     """One row: the request it becomes and what the ledger holds for it."""
 
@@ -56,17 +46,8 @@ class RowRequest:
     state: RowState
     request_key: str | None  # None when the template fails on the row
     request: dict[str, Any] | None
-    answer: Answer | None
+    answer: CachedResponse | None
     error: str | None  # the dead letter's reason, or the template's failure
-
-
-def _find_job(store: Store, prefix: str) -> JobRecord:
-    found = store.find_jobs(prefix)
-    if not found:
-        raise BackfillError(f"No job {prefix} in this state directory; `backfill jobs` lists them.")
-    if len(found) > 1:
-        raise BackfillError(f"Job id {prefix} is ambiguous ({len(found)} jobs); give more characters.")
-    return found[0]
 
 
 def render_plan(record: JobRecord) -> Plan:
@@ -144,7 +125,7 @@ def _shown_request(plan: Plan, request: Any, mode: str | None) -> dict[str, Any]
 def job_requests(store: Store, job: str, row_id: str | None = None, limit: int = 5) -> tuple[JobRecord, list[RowRequest]]:
     """The job (a unique id prefix is enough) and, for the row `row_id` or the first `limit` rows, what was sent and
     what came back."""
-    record = _find_job(store, job)
+    record = store.find_job(job)
     plan = render_plan(record)
     task = plan.spec.task
     mode = None
@@ -177,7 +158,7 @@ def job_requests(store: Store, job: str, row_id: str | None = None, limit: int =
             row_id=rid, chunk=chunk, state=state,
             request_key=request.key if request is not None else None,
             request=_shown_request(plan, request, mode) if request is not None else None,
-            answer=Answer(hit.text, hit.embedding, hit.input_tokens, hit.output_tokens, hit.cached_tokens, hit.cost_usd) if hit else None,
+            answer=hit,
             error=reason or failed,
         ))
     return record, out

@@ -34,12 +34,13 @@ def open_store(state_dir: str | Path | None) -> Store:
     return Store(store_path(state_dir))
 
 
-def check_budget(plan: Plan, store: Store) -> Estimate | None:
-    """Refuse before sending anything when the estimate is over the budget (unless a partial run is allowed)."""
+def check_budget(plan: Plan, store: Store, cache_scope: str = "") -> Estimate | None:
+    """Refuse before sending anything when the estimate is over the budget (unless a partial run is allowed);
+    only answers the job may read (its cache scope) count as free."""
     budget = plan.spec.budget
     if budget.usd is None or budget.allow_partial:
         return None
-    est = estimate(plan, store)
+    est = estimate(plan, store, scope=cache_scope)
     spent = (job.spent_usd if (job := store.get_job(plan.job_id)) else 0.0)
     if spent + est.cost_usd > budget.usd:
         raise BudgetExceeded(
@@ -49,13 +50,13 @@ def check_budget(plan: Plan, store: Store) -> Estimate | None:
     return est
 
 
-def _plan_and_check(spec: JobSpec, data: Any, api_key: str | None, path: Path) -> Plan:
+def _plan_and_check(spec: JobSpec, data: Any, api_key: str | None, path: Path, cache_scope: str) -> Plan:
     """Planning renders and counts rows (seconds per million): it runs in a thread, with its own
     connection to the ledger, so that running jobs keep their pace."""
     store = Store(path)
     try:
         plan = make_plan(spec, data, api_key=api_key, store=store)
-        check_budget(plan, store)
+        check_budget(plan, store, cache_scope)
         return plan
     finally:
         store.close()
@@ -84,7 +85,7 @@ async def run_job(
     job reads and fills (a server's per-credential-and-owner cache; the CLI's is the default, "").
     """
     path = store_path(state_dir)
-    plan = await asyncio.to_thread(_plan_and_check, spec, data, api_key, path)
+    plan = await asyncio.to_thread(_plan_and_check, spec, data, api_key, path, cache_scope)
     store = Store(path)
     try:
         async with open_provider(

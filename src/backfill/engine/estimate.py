@@ -38,8 +38,10 @@ class Estimate:
     bound_by: str | None  # which limit sets the duration
 
 
-def estimate(plan: Plan, store: Store | None = None, expected_output_tokens: int | None = None, batch: int = 2000) -> Estimate:
-    """Render every row (streaming) and count; answers already in the cache are free.
+def estimate(
+    plan: Plan, store: Store | None = None, expected_output_tokens: int | None = None, batch: int = 2000, *, scope: str = ""
+) -> Estimate:
+    """Render every row (streaming) and count; answers already in the cache (in `scope`) are free.
 
     Output is priced at what an answer is expected to have (`expected_output`), and beside it at
     the worst case, every answer as long as max_tokens allows.
@@ -50,7 +52,7 @@ def estimate(plan: Plan, store: Store | None = None, expected_output_tokens: int
 
     def flush() -> None:
         nonlocal cached, tokens_in, reserve_out
-        hits = store.get_responses(k for k, _, _ in keys) if store else {}
+        hits = store.get_responses((k for k, _, _ in keys), scope=scope) if store else {}
         for key, t_in, t_out in keys:
             if key in hits:
                 cached += 1

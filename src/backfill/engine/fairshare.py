@@ -18,7 +18,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from backfill.limits import LaneLimiter, LimiterStats, Ticket
+from backfill.limits import Bound, LaneLimiter, LimiterStats, Ticket
 from backfill.request import RateLimitInfo, Usage
 
 
@@ -128,6 +128,9 @@ class JobLimiter(LaneLimiter):
     def stats(self) -> LimiterStats:
         return self._fair.limiter.stats()
 
+    def bound(self) -> Bound | None:
+        return self._fair.limiter.bound()
+
     def counts_tokens(self) -> bool:
         return self._fair.limiter.counts_tokens()
 
@@ -163,6 +166,10 @@ class OwnLimit(LaneLimiter):
     def rate_limited(self, ticket: Ticket, *, retry_after: float | None, rate: RateLimitInfo | None) -> None:
         self._settle_own(ticket, None, False)
         self._shared.rate_limited(ticket, retry_after=retry_after, rate=rate)
+
+    def bound(self) -> Bound | None:
+        """The job's own limit when a request waits on it, else what the lane waits for."""
+        return self._own.bound() or self._shared.bound()
 
     def stats(self) -> LimiterStats:
         """The lane's figures, with the job's own limits where they are the lower."""

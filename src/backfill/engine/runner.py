@@ -24,11 +24,10 @@ from backfill.engine.dispatch import Dispatcher, Row, Send, read_ahead
 from backfill.engine.plan import UNSET_MAX_TOKENS_RESERVE, Plan
 from backfill.engine.policy import DeadLetter, Decision, Fatal, Requeue, Retry, after_invalid_answer, decide, failure_signature
 from backfill.engine.producer import Producer
-from backfill.engine.stats import Binding, JobStats
+from backfill.engine.stats import JobStats
 from backfill.errors import BackfillError, JobBusy
 from backfill.io import make_sink
 from backfill.limits import LaneLimiter, LaneLimits, Limiter
-from backfill.limits.base import Bound
 from backfill.providers import Provider
 from backfill.request import Outcome, OutcomeKind
 from backfill.status import JobStatus, StopCause
@@ -40,10 +39,6 @@ log = logging.getLogger("backfill")
 LEASE_TTL_S = 30.0
 HEARTBEAT_S = 5.0
 ASSEMBLY_LEASE_S = 3600.0
-_BINDINGS = {
-    Bound.REQUESTS: Binding.REQUESTS, Bound.TOKENS: Binding.TOKENS, Bound.INPUT_TOKENS: Binding.INPUT_TOKENS,
-    Bound.OUTPUT_TOKENS: Binding.OUTPUT_TOKENS, Bound.IN_FLIGHT: Binding.IN_FLIGHT, Bound.PAUSED: Binding.PAUSED,
-}
 
 
 @dataclass
@@ -256,7 +251,7 @@ class JobRunner:
         while True:
             await asyncio.sleep(0.5)
             ls = self.dispatcher.lane = self.limiter.stats()
-            self.stats.sample(_BINDINGS.get(self.limiter.bound()))
+            self.stats.sample(self.limiter.bound())
             self.stats.in_flight, self.stats.rpm_limit, self.stats.tpm_limit = ls.in_flight, ls.rpm, ls.tpm
             self.stats.input_tpm_limit, self.stats.output_tpm_limit, self.stats.max_in_flight = ls.input_tpm, ls.output_tpm, ls.max_in_flight
             self._count_committed()

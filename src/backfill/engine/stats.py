@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-
-class Binding(str, enum.Enum):
-    """What holds a job's pace back now: one of the lane's limits, or the budget."""
-
-    REQUESTS = "requests/min"
-    TOKENS = "tokens/min"
-    INPUT_TOKENS = "input tokens/min"
-    OUTPUT_TOKENS = "output tokens/min"
-    IN_FLIGHT = "in flight"
-    PAUSED = "a 429 pause"
-    BUDGET = "budget"
-
-    def __str__(self) -> str:
-        return self.value
-
+from backfill.limits.base import Bound
 
 # The binding limit shown is the one seen most often over this many watcher samples (about 5 s):
 # a single sample catches the limiter between two admissions and flickers.
@@ -61,7 +46,7 @@ class JobStats:
     started: float = field(default_factory=time.monotonic)
     # (monotonic time, requests sent, tokens used, rows done, tokens reserved) samples for rates over the last minute
     _samples: deque[tuple[float, int, int, int, int]] = field(default_factory=lambda: deque(maxlen=240))
-    _bindings: deque[Binding | None] = field(default_factory=lambda: deque(maxlen=BINDING_SAMPLES))
+    _bindings: deque[Bound | None] = field(default_factory=lambda: deque(maxlen=BINDING_SAMPLES))
     _budget_bound: bool = False
 
     @property
@@ -85,7 +70,7 @@ class JobStats:
     def rate_limited_total(self) -> int:
         return self.rate_limited_before + self.rate_limited
 
-    def sample(self, binding: Binding | None = None) -> None:
+    def sample(self, binding: Bound | None = None) -> None:
         """Record the counters now, and what held the limiter back at this moment (None: nothing did)."""
         self._samples.append(
             (time.monotonic(), self.requests_sent, self.input_tokens + self.output_tokens, self.rows_done, self.tokens_reserved)
@@ -95,11 +80,11 @@ class JobStats:
     def budget_reached(self) -> None:
         self._budget_bound = True
 
-    def binding(self) -> Binding | None:
+    def binding(self) -> Bound | None:
         """The limit that held the pace back most often over the last few seconds; None when no limit did
         (the provider's answers, or reading the input, set the pace)."""
         if self._budget_bound:
-            return Binding.BUDGET
+            return Bound.BUDGET
         seen = Counter(b for b in self._bindings if b is not None)
         if not seen or sum(seen.values()) * 2 < len(self._bindings):
             return None

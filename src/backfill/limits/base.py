@@ -61,14 +61,19 @@ class Ticket:
 
 
 class Bound(str, enum.Enum):
-    """The limit a waiting request waits for."""
+    """What holds a job's pace back: the limit a waiting request waits for, or the job's budget
+    (which only the engine reports); its value is the name a person reads."""
 
-    REQUESTS = "requests"
-    TOKENS = "tokens"
-    INPUT_TOKENS = "input_tokens"
-    OUTPUT_TOKENS = "output_tokens"
-    IN_FLIGHT = "in_flight"
-    PAUSED = "paused"  # a 429's pause
+    REQUESTS = "requests/min"
+    TOKENS = "tokens/min"
+    INPUT_TOKENS = "input tokens/min"
+    OUTPUT_TOKENS = "output tokens/min"
+    IN_FLIGHT = "in flight"
+    PAUSED = "a 429 pause"
+    BUDGET = "budget"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(slots=True)

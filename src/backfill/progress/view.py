@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from backfill.engine.stats import Binding, JobStats
+from backfill.engine.stats import JobStats
+from backfill.limits import Bound
 
 # Reserved tokens/min are shown beside those used once they are this many times more.
 RESERVED_SHOWN = 1.5
@@ -69,14 +70,14 @@ def snapshot(stats: JobStats) -> Snapshot:
     )
 
 
-def _note(stats: JobStats, binding: Binding | None) -> str | None:
+def _note(stats: JobStats, binding: Bound | None) -> str | None:
     reserve = stats.unset_max_tokens_reserve
-    if reserve and binding in (Binding.TOKENS, Binding.OUTPUT_TOKENS):
+    if reserve and binding in (Bound.TOKENS, Bound.OUTPUT_TOKENS):
         return (
             f"max_tokens is unset: each request reserves {reserve:,} output tokens of the {binding} limit; "
             "set --max-tokens (max_tokens=) to what an answer needs, to send more."
         )
-    if binding is Binding.BUDGET and stats.budget_usd is not None:
+    if binding is Bound.BUDGET and stats.budget_usd is not None:
         return f"the budget of ${stats.budget_usd:.4f} is spent; resume with a higher --budget-usd."
     return None
 

@@ -15,7 +15,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 
-from backfill.limits import LaneLimiter, LimiterStats, Ticket
+from backfill.limits import Bound, LaneLimiter, LimiterStats, Ticket
 from backfill.request import RateLimitInfo, Usage
 
 # The *_created series double the output and say nothing a scraper needs.
@@ -104,6 +104,9 @@ class MeteredLimiter(LaneLimiter):
 
     def stats(self) -> LimiterStats:
         return self._inner.stats()
+
+    def bound(self) -> Bound | None:
+        return self._inner.bound()
 
     def counts_tokens(self) -> bool:
         return self._inner.counts_tokens()

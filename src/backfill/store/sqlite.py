@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from backfill.errors import BackfillError
 from backfill.status import JobStatus, StopCause
 from backfill.store.errors import StoreError
 from backfill.store.migrate import migrate
@@ -354,6 +355,15 @@ class Store:
     def find_jobs(self, prefix: str) -> list[JobRecord]:
         rows = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id LIKE ? ORDER BY created", (prefix + "%",)).fetchall()
         return [self._job(r) for r in rows]
+
+    def find_job(self, prefix: str) -> JobRecord:
+        """The one job whose id starts with `prefix`, or a BackfillError saying why there is none."""
+        found = self.find_jobs(prefix)
+        if not found:
+            raise BackfillError(f"No job {prefix} in this state directory; `backfill jobs` lists them.")
+        if len(found) > 1:
+            raise BackfillError(f"Job id {prefix} is ambiguous ({len(found)} jobs); give more characters.")
+        return found[0]
 
     def list_jobs(self, owner: str | None = None, limit: int = 50) -> list[JobRecord]:
         if owner is None:
