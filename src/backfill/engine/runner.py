@@ -191,6 +191,7 @@ class JobRunner:
         s.cost_usd, s.rows_ok, s.rows_failed = job.spent_usd, job.rows_ok - again_ok, job.rows_failed - again_failed
         s.rows_before, s.requests_before, s.rate_limited_before = s.rows_done, job.requests, job.rate_limited
         s.rows_committed = s.rows_done
+        s.sample()  # the zero the live rates count from: requests sent before the watcher's first tick count too
         book = self._book = ChunkBook(plan, store, self._sink, s, self._decoder, limit=self._open_chunks, left=plan.chunks_total - len(done) + len(rebuild))
         producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache, cache_scope=self._cache_scope)
         async with asyncio.TaskGroup() as tg:
@@ -223,7 +224,7 @@ class JobRunner:
             if book is not None:
                 store.add_request_counts(plan.job_id, *book.counts_not_committed())
                 book.mark_counted()
-            self._count_committed()
+            self._refresh_stats()
             store.heartbeat(plan.job_id, self.holder, LEASE_TTL_S, rows_answered=self.stats.rows_done)
             if self._error is None and self._stop is None and book is not None and book.all_done.is_set():
                 # Assembling a large output takes a while, and the heartbeat has stopped: hold the lease for it.
@@ -250,11 +251,7 @@ class JobRunner:
         next_beat = loop.time() + HEARTBEAT_S
         while True:
             await asyncio.sleep(0.5)
-            ls = self.dispatcher.lane = self.limiter.stats()
-            self.stats.sample(self.limiter.bound())
-            self.stats.in_flight, self.stats.rpm_limit, self.stats.tpm_limit = ls.in_flight, ls.rpm, ls.tpm
-            self.stats.input_tpm_limit, self.stats.output_tpm_limit, self.stats.max_in_flight = ls.input_tpm, ls.output_tpm, ls.max_in_flight
-            self._count_committed()
+            self._refresh_stats()
             if loop.time() >= next_beat:
                 next_beat = loop.time() + HEARTBEAT_S
                 if not self.store.heartbeat(self.plan.job_id, self.holder, LEASE_TTL_S, rows_answered=self.stats.rows_done):
@@ -266,8 +263,12 @@ class JobRunner:
             elif asked == "pause":
                 self.stop(JobStatus.PAUSED, "paused by request", cause=StopCause.PAUSE)
 
-    def _count_committed(self) -> None:
-        """The live line counts committed rows as the ledger does."""
+    def _refresh_stats(self) -> None:
+        """The limiter's figures and the ledger's committed rows, for the live line (the last refresh is at the end)."""
+        ls = self.dispatcher.lane = self.limiter.stats()
+        self.stats.sample(self.limiter.bound())
+        self.stats.in_flight, self.stats.rpm_limit, self.stats.tpm_limit = ls.in_flight, ls.rpm, ls.tpm
+        self.stats.input_tpm_limit, self.stats.output_tpm_limit, self.stats.max_in_flight = ls.input_tpm, ls.output_tpm, ls.max_in_flight
         job = self.store.get_job(self.plan.job_id)
         if job is not None:
             self.stats.rows_committed = job.rows_done

@@ -96,14 +96,23 @@ class JobStats:
         return rps, tpm
 
     def requests_per_min(self) -> float:
-        """Requests over the last minute, as a provider counts them against a requests/min limit."""
-        return self._rates(60.0)[0] * 60
+        """Requests sent in the trailing minute, counted as a provider counts them against its requests/min limit
+        (not a short burst scaled up to a minute, which can read above a limit the provider never saw passed)."""
+        return self._in_last_minute()[0]
 
     def tokens_per_min(self) -> float:
-        return self._rates(60.0)[1]
+        return self._in_last_minute()[1]
 
     def tokens_reserved_per_min(self) -> float:
-        return self._rates(60.0)[3]
+        return self._in_last_minute()[2]
+
+    def _in_last_minute(self) -> tuple[int, int, int]:
+        """(requests, tokens used, tokens reserved) between the sample a minute ago (or the first) and the last."""
+        if len(self._samples) < 2:
+            return 0, 0, 0
+        now = self._samples[-1]
+        old = next((s for s in self._samples if now[0] - s[0] <= 60.0), self._samples[0])
+        return now[1] - old[1], now[2] - old[2], now[4] - old[4]
 
     def rows_per_s(self) -> float:
         return self._rates(10.0)[2]
