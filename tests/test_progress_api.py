@@ -42,6 +42,8 @@ def test_the_returned_frame_keeps_the_output_types(tmp_path: Path, suffix: str) 
 def test_an_unknown_return_type_is_a_spec_error(tmp_path: Path) -> None:
     with pytest.raises(backfill.SpecError, match="return_type"):
         backfill.run(frame(3), prompt=PROMPT, model="gpt-4o-mini", provider="sim", return_type="dask", state_dir=tmp_path, progress=False)
+    with pytest.raises(backfill.SpecError, match="standard output"):
+        backfill.run(frame(3), prompt=PROMPT, model="gpt-4o-mini", provider="sim", output="-", state_dir=tmp_path, progress=False)
 
 
 SCRIPT = """

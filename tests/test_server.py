@@ -249,6 +249,8 @@ def test_upload_progress_sse_dead_letters_and_download(server: Live, tmp_path: P
     assert events[-1] == ("end", {"status": "succeeded"})
     progress = [e for k, e in events if k == "progress"]
     assert progress[-1]["rows_ok"] + progress[-1]["rows_failed"] == n
+    assert all(p["rows_committed"] <= p["rows_ok"] + p["rows_failed"] for p in progress)  # answered first, committed after
+    assert alice.get(f"/jobs/{job_id}").json()["rows_committed"] == n
 
     expected_dead = sorted(f"id-{i:06d}" for i in range(n) if i % 7 == 6)
     dead = alice.get(f"/jobs/{job_id}/dead-letters").json()

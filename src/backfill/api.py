@@ -21,7 +21,7 @@ from backfill.errors import BackfillError, BudgetExceeded, FatalProviderError, I
 from backfill.io import output_format
 from backfill.io.schema import JSON_TEXT_KEY
 from backfill.progress import show_progress
-from backfill.spec import JobSpec, from_options
+from backfill.spec import STDIO, JobSpec, from_options
 from backfill.status import JobStatus, StopCause
 from backfill.summary import JobSummary, summarize
 
@@ -135,6 +135,8 @@ async def _arun(data: Any, kwargs: dict[str, Any], live: _Live, *, notebook_here
     progress, state_dir, cache = options.pop("progress", None), options.pop("state_dir", None), options.pop("cache", True)
     if return_type not in RETURN_TYPES:
         raise SpecError(f"Unknown return_type {return_type!r}; use one of {', '.join(RETURN_TYPES)}.")
+    if options.get("output") == STDIO:
+        raise SpecError("output='-' (standard output) is for the command line; in Python, leave output out to get the frame back.")
     spec, frame = _spec(data, options)
     live.loop, live.task = asyncio.get_running_loop(), asyncio.current_task()
     show = _progress_wanted(progress)

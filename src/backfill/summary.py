@@ -35,13 +35,13 @@ class JobSummary:
         return asdict(self)
 
     def text(self) -> str:
-        """Two or three lines for a person."""
+        """A few lines for a person, each within 80 columns for ordinary counts."""
         head = f"job {self.job_id}: {self.status}" + (f" — {self.reason}" if self.reason else "")
         lines = [
             head,
-            f"  rows ok {self.rows_ok:,}, dead letters {self.rows_failed:,} of {self.rows_total:,}; "
-            f"requests {self.requests:,} ({self.requests_this_run:,} this run, {self.rows_from_cache:,} rows from cache), "
-            f"429s {self.rate_limited:,}; spent ${self.cost_usd:.4f}",
+            f"  rows ok {self.rows_ok:,}, dead letters {self.rows_failed:,} of {self.rows_total:,}; spent ${self.cost_usd:.4f}",
+            f"  requests {self.requests:,} ({self.requests_this_run:,} this run; {self.rows_from_cache:,} rows from cache),"
+            f" 429s {self.rate_limited:,}",
         ]
         if self.output:
             lines.append(f"  output: {self.output}")

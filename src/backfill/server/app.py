@@ -110,8 +110,9 @@ class JobView(BaseModel):
     created: float
     updated: float
     rows_total: int
-    rows_ok: int
+    rows_ok: int  # answered, committed or not (as the live line counts them)
     rows_failed: int
+    rows_committed: int  # in committed chunks, as the ledger counts them
     requests_sent: int
     rate_limited: int
     input_tokens: int
@@ -380,6 +381,7 @@ def job_view(sched: Scheduler, job: ServerJob) -> JobView:
         rows_total=job.rows_total,
         rows_ok=rows_ok,
         rows_failed=rows_failed,
+        rows_committed=stats.rows_committed if stats else (rec.rows_done if rec else 0),
         # A live run's own totals: the ledger adds this run's counts when it ends, before it leaves `running`.
         requests_sent=stats.requests_before + stats.requests_sent if stats else (rec.requests if rec else 0),
         rate_limited=stats.rate_limited_before + stats.rate_limited if stats else (rec.rate_limited if rec else 0),
