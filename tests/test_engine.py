@@ -137,8 +137,11 @@ async def test_budget_refuses_over_estimate_and_stops_at_the_budget(tmp_path: Pa
 async def test_limits_configured_at_the_servers_meet_no_429s(tmp_path: Path) -> None:
     # Whether the limits are kept is counted from what was sent in test_limits_sent.py, against a
     # sim that refuses nothing; here the server enforces the same limits, and must refuse nothing.
+    # The server runs on its own thread and loop, as a provider runs elsewhere: on the job's loop, a
+    # stall of the job's (a commit's fsync on a loaded machine) would hold the server's arrivals back
+    # and hand them to its one-second bucket at once.
     limits = KeyLimits(rpm=3000, tpm=300_000)
-    async with Simulator(SimConfig(default_limits=limits, latency_s=0.02)) as sim:
+    with Simulator(SimConfig(default_limits=limits, latency_s=0.02)) as sim:
         out = await backfill.arun(
             make_rows(300).to_pandas(), prompt=PROMPT, model="gpt-4o-mini", provider="sim", base_url=sim.base_url,
             rpm=3000, tpm=300_000, params={"max_tokens": 50}, state_dir=tmp_path, progress=False, return_type="arrow",
