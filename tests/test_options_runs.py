@@ -97,5 +97,6 @@ def test_status_of_a_running_job_shows_rows_answered_beside_those_committed(tmp_
     result = CliRunner().invoke(app, ["status", "j000", "--state-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "40 more answered, not yet committed" in " ".join(result.stdout.split())  # wrapped at the console's width
+    assert re.search(r"\d\d:\d\d:\d\d running\n", result.stdout) and "running: running" not in result.stdout
     as_json = json.loads(CliRunner().invoke(app, ["status", "j000", "--state-dir", str(tmp_path), "--json"]).stdout)
     assert as_json["rows_answered"] == 40 and as_json["rows_ok"] == 0

@@ -346,7 +346,8 @@ def status(
     for d in dead:
         out.print(f"  dead letter {d.row_id}: {d.reason}", highlight=False)
     for at, kind_, message in events:
-        out.print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))} {kind_}: {message}", highlight=False)
+        what = kind_ if message == kind_ else f"{kind_}: {message}"  # a status change without a reason names itself once
+        out.print(f"  {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))} {what}", highlight=False)
 
 
 def _short(path: str | None) -> str:
