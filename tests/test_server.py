@@ -176,6 +176,11 @@ def test_isolation_roles_and_credentials(server: Live) -> None:
     other_url["task"]["base_url"] = "http://127.0.0.1:9/v1"
     assert alice.post("/jobs", json={"spec": other_url}).status_code == 400
     assert alice.post("/jobs", json={"spec": chat_spec("rows.parquet"), "credential": "nope"}).status_code == 400
+    # an operator may use any credential without a grant: at submit and when the job starts alike
+    assert op.post("/credentials", json={"name": "builtin", "provider": "sim"}).status_code == 201
+    on_builtin = op.post("/jobs", json={"spec": chat_spec("rows.parquet", prompt="Op {{ id }}"), "credential": "builtin"})
+    assert on_builtin.status_code == 201, on_builtin.text
+    assert wait_for(op, on_builtin.json()["id"], ("succeeded", "failed"))["status"] == "succeeded"
 
     # operators create users over the API too; the token works at once and is stored hashed only
     created = op.post("/users", json={"name": "carol", "role": "user"})

@@ -26,12 +26,3 @@ def parse_duration(text: str | float | int) -> float:
         raise SpecError(f"The duration {text!r} is not a finite number of seconds; write e.g. 30s or 10m.")
     return seconds
 
-
-def format_duration(seconds: float) -> str:
-    """The shortest way to write `seconds` that parse_duration reads back: 0.5 → '500ms', 90 → '90s', 3600 → '1h'."""
-    if seconds < 1:
-        return f"{seconds * 1000:g}ms"
-    for unit in ("w", "d", "h", "m"):
-        if seconds % _SECONDS[unit] == 0:
-            return f"{seconds / _SECONDS[unit]:g}{unit}"
-    return f"{seconds:g}s"

@@ -63,10 +63,6 @@ class RenderBudgetError(PromptError):
         self.limit = limit
 
 
-def _over(limit: str) -> RenderBudgetError:
-    return RenderBudgetError(limit)
-
-
 class _Meter:
     """One render's use of its budget; the sandbox's hooks charge it."""
 
@@ -81,16 +77,16 @@ class _Meter:
     def step(self, n: int = 1) -> None:
         self.steps_left -= n
         if self.steps_left < 0:
-            raise _over(f"more than {self.budget.steps:,} loop steps and calls")
+            raise RenderBudgetError(f"more than {self.budget.steps:,} loop steps and calls")
         self.until_clock -= n
         if self.until_clock <= 0:
             self.until_clock = _CLOCK_EVERY
             if time.thread_time() > self.deadline:
-                raise _over(f"more than {self.budget.cpu_s:g} s of CPU")
+                raise RenderBudgetError(f"more than {self.budget.cpu_s:g} s of CPU")
 
     def size(self, n: int) -> None:
         if n > self.budget.chars:
-            raise _over(f"a value of more than {self.budget.chars:,} characters")
+            raise RenderBudgetError(f"a value of more than {self.budget.chars:,} characters")
 
 
 _METER: ContextVar[_Meter | None] = ContextVar("backfill_render_meter", default=None)
@@ -108,7 +104,7 @@ def _check_result(value: Any) -> Any:
     if isinstance(value, (str, list, tuple, dict, set, frozenset)):
         _meter().size(len(value))
     elif isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
-        raise _over(f"a number of more than {_MAX_INT_BITS:,} bits")
+        raise RenderBudgetError(f"a number of more than {_MAX_INT_BITS:,} bits")
     return value
 
 
@@ -314,9 +310,9 @@ class _Environment(ImmutableSandboxedEnvironment):
         _meter().step()
         if operator_ == "**":
             if isinstance(right, (int, float)) and abs(right) > _MAX_EXPONENT:
-                raise _over(f"an exponent over {_MAX_EXPONENT:,}")
+                raise RenderBudgetError(f"an exponent over {_MAX_EXPONENT:,}")
             if isinstance(left, int) and isinstance(right, int) and right > 0 and left.bit_length() * right > _MAX_INT_BITS:
-                raise _over(f"a number of more than {_MAX_INT_BITS:,} bits")
+                raise RenderBudgetError(f"a number of more than {_MAX_INT_BITS:,} bits")
             return _check_result(operator.pow(left, right))
         if operator_ == "%":
             if isinstance(left, str):
@@ -326,9 +322,9 @@ class _Environment(ImmutableSandboxedEnvironment):
             return _check_result(operator.add(left, right))
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
-                raise _over(f"a repetition of more than {_MAX_REPEAT:,} items")
+                raise RenderBudgetError(f"a repetition of more than {_MAX_REPEAT:,} items")
         if isinstance(left, int) and isinstance(right, int) and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
-            raise _over(f"a number of more than {_MAX_INT_BITS:,} bits")
+            raise RenderBudgetError(f"a number of more than {_MAX_INT_BITS:,} bits")
         return _check_result(operator.mul(left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's signature)
@@ -521,9 +517,9 @@ class PromptTemplate:
         except PromptError:
             raise
         except RecursionError:
-            raise _over("macros nested too deep") from None
+            raise RenderBudgetError("macros nested too deep") from None
         except MemoryError:
-            raise _over("out of memory") from None
+            raise RenderBudgetError("out of memory") from None
         except Exception as e:  # any failure inside a user's template is this row's problem
             raise PromptError(_row_error(e)) from None
         finally:

@@ -190,14 +190,17 @@ def _non_finite(data: Any) -> str | None:
 
 def _check_schema_shape(schema: dict[str, Any]) -> None:
     """Refuse a schema nested deeper than MAX_SCHEMA_DEPTH or whose local $refs form a cycle (never recurse forever)."""
+    objects: list[dict[str, Any]] = []
     stack: list[tuple[Any, int]] = [(schema, 0)]
     while stack:  # iterative, so a deep schema cannot exhaust Python's stack here
         node, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
             raise ValueError(f"the schema is nested deeper than {MAX_SCHEMA_DEPTH} levels; flatten it")
+        if isinstance(node, dict):
+            objects.append(node)
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    _check_ref_cycles(schema)
+    _check_ref_cycles(schema, objects)
 
 
 def _resolve_ref(schema: dict[str, Any], ref: str) -> Any:
@@ -219,10 +222,13 @@ def _direct_refs(node: Any) -> list[str]:
     return found
 
 
-def _check_ref_cycles(schema: dict[str, Any]) -> None:
-    """A $ref cycle that no object or array breaks (`a` is `b`, `b` is `a`) can never be satisfied nor expanded."""
+def _check_ref_cycles(schema: dict[str, Any], objects: list[dict[str, Any]]) -> None:
+    """A $ref cycle that no object or array breaks (`a` is `b`, `b` is `a`) can never be satisfied nor expanded.
+
+    `objects` is every object in the schema, as _check_schema_shape collected them.
+    """
     edges: dict[str, list[str]] = {}
-    todo = [r for node in _nodes(schema) for r in _direct_refs(node)]
+    todo = [r for node in objects for r in _direct_refs(node)]
     while todo:
         ref = todo.pop()
         if ref not in edges:
@@ -245,19 +251,6 @@ def _check_ref_cycles(schema: dict[str, Any]) -> None:
             path.append(ref)
             stack.append((ref, True))
             stack.extend((nxt, False) for nxt in edges[ref])
-
-
-def _nodes(schema: Any) -> list[dict[str, Any]]:
-    """Every object in a schema (already known to be at most MAX_SCHEMA_DEPTH deep)."""
-    found, todo = [], [schema]
-    while todo:
-        node = todo.pop()
-        if isinstance(node, dict):
-            found.append(node)
-            todo.extend(node.values())
-        elif isinstance(node, list):
-            todo.extend(node)
-    return found
 
 
 def _format_error(e: ValidationError) -> str:

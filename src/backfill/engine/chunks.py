@@ -89,7 +89,7 @@ class ChunkBook:
             if res is not None and not res.ok
         ]
         requests, limited = self.counts_not_committed()
-        self.store.mark_chunk_done(
+        self.stats.rows_committed += self.store.mark_chunk_done(
             self.plan.job_id, chunk.index, len(chunk.row_ids) - len(dead), dead, requests=requests, rate_limited=limited
         )
         self.mark_counted()

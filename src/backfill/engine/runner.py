@@ -190,7 +190,7 @@ class JobRunner:
         self._sink.committed(done - rebuild)  # standard output re-emits, in order, what earlier runs committed
         s.cost_usd, s.rows_ok, s.rows_failed = job.spent_usd, job.rows_ok - again_ok, job.rows_failed - again_failed
         s.rows_before, s.requests_before, s.rate_limited_before = s.rows_done, job.requests, job.rate_limited
-        s.rows_committed = s.rows_done
+        s.rows_committed = job.rows_done  # the ledger's count; the book adds each chunk it commits
         s.sample()  # the zero the live rates count from: requests sent before the watcher's first tick count too
         book = self._book = ChunkBook(plan, store, self._sink, s, self._decoder, limit=self._open_chunks, left=plan.chunks_total - len(done) + len(rebuild))
         producer = Producer(plan, store, book, self.dispatcher, todo=lambda i: i not in done or i in rebuild, from_cache=self._from_cache, rebuild=rebuild, use_cache=self._use_cache, cache_scope=self._cache_scope)
@@ -225,10 +225,10 @@ class JobRunner:
                 store.add_request_counts(plan.job_id, *book.counts_not_committed())
                 book.mark_counted()
             self._refresh_stats()
-            store.heartbeat(plan.job_id, self.holder, LEASE_TTL_S, rows_answered=self.stats.rows_done)
-            if self._error is None and self._stop is None and book is not None and book.all_done.is_set():
-                # Assembling a large output takes a while, and the heartbeat has stopped: hold the lease for it.
-                store.heartbeat(plan.job_id, self.holder, ASSEMBLY_LEASE_S)
+            assemble = self._error is None and self._stop is None and book is not None and book.all_done.is_set()
+            # Assembling a large output takes a while, and the heartbeat has stopped: hold the lease for it.
+            store.heartbeat(plan.job_id, self.holder, ASSEMBLY_LEASE_S if assemble else LEASE_TTL_S, rows_answered=self.stats.rows_done)
+            if assemble:
                 self._sink.finalize(plan.chunks_total)
         except Exception as e:  # the ledger or the disk failed while closing: the job failed, committed work stays
             self._error = self._error or e
@@ -264,14 +264,11 @@ class JobRunner:
                 self.stop(JobStatus.PAUSED, "paused by request", cause=StopCause.PAUSE)
 
     def _refresh_stats(self) -> None:
-        """The limiter's figures and the ledger's committed rows, for the live line (the last refresh is at the end)."""
+        """The limiter's figures, for the live line (the last refresh is at the end); no ledger read: it runs every 0.5 s."""
         ls = self.dispatcher.lane = self.limiter.stats()
         self.stats.sample(self.limiter.bound())
         self.stats.in_flight, self.stats.rpm_limit, self.stats.tpm_limit = ls.in_flight, ls.rpm, ls.tpm
         self.stats.input_tpm_limit, self.stats.output_tpm_limit, self.stats.max_in_flight = ls.input_tpm, ls.output_tpm, ls.max_in_flight
-        job = self.store.get_job(self.plan.job_id)
-        if job is not None:
-            self.stats.rows_committed = job.rows_done
 
     def _restore_structured_mode(self) -> None:
         """Schema requests start in the mode this endpoint and model last worked in, not with a rejection."""

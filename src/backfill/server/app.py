@@ -32,10 +32,10 @@ from backfill.server.auth import current_user, operator
 from backfill.server.bodylimit import BodyLimit
 from backfill.server.caps import DEFAULT_MAX_BODY_BYTES, Caps, Settings, check_rows, hold_to_caps
 from backfill.server.db import TERMINAL, Delivery, Credential, ServerDB, ServerJob, User, private_dir
-from backfill.server.inputs import refuse_url, resolve_allowed, save_upload
+from backfill.server.inputs import refuse_url, resolve_allowed, save_upload, upload_too_large
 from backfill.server.logs import log
 from backfill.server.metrics import Metrics
-from backfill.server.scheduler import Scheduler, cache_scope, operator_prices
+from backfill.server.scheduler import Scheduler, cache_scope, cache_shared, operator_prices
 from backfill.server.secrets import open_box
 from backfill.server.webhooks import Webhooks
 from backfill.spec import PriceSpec, build_spec
@@ -395,7 +395,7 @@ def job_view(sched: Scheduler, job: ServerJob) -> JobView:
         rpm_limit=stats.rpm_limit if stats else None,
         in_flight=stats.in_flight if stats else 0,
         eta_s=stats.eta_s() if stats else None,
-        cache="shared" if job.cache_scope.startswith("credential:") and "|owner:" not in job.cache_scope else "per user",
+        cache="shared" if cache_shared(job.cache_scope) else "per user",
     )
 
 
@@ -491,7 +491,7 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
         max_bytes = _sched(request).caps_for(user).max_upload_bytes
         length = request.headers.get("content-length", "")
         if max_bytes is not None and length.isdigit() and int(length) > max_bytes:
-            raise HTTPException(413, f"The upload is over your cap max_upload_bytes = {max_bytes:,}; send a smaller file or ask an operator.")
+            raise upload_too_large(max_bytes)
         up = await save_upload(_db(request), config.data_dir, user.name, filename, request.stream(), max_bytes)
         log.info("upload stored", extra={"user": user.name})
         return UploadView(upload_id=up.id, filename=up.filename, size=up.size)
@@ -518,7 +518,7 @@ def _routes(app: FastAPI, config: ServerConfig) -> None:
         cred = None
         if body.credential is not None:
             cred = db.get_credential(body.credential)
-            if cred is None or not (user.is_operator or db.granted(cred.name, user.name)):
+            if cred is None or not db.may_use(cred.name, user.name):
                 raise HTTPException(400, f"There is no credential {body.credential} that you may use; GET /credentials lists yours.")
             task["provider"], task["base_url"], api_key = cred.provider, cred.base_url, cred.api_key
         elif task["provider"] != "sim":

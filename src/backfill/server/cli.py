@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import closing
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -28,6 +29,11 @@ err = Console(stderr=True)
 SecretKeyFile = typer.Option(None, "--secret-key-file", help="File holding the Fernet key(s) provider keys are encrypted with, newest first.", show_default=f"${SECRET_ENV}")
 users_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage the users of a `backfill serve` data directory.")
 credentials_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Manage the provider credentials of a `backfill serve` data directory.")
+
+
+def _open_db(data_dir: Path, box: SecretBox | None = None) -> closing[ServerDB]:
+    """The data directory's database, closed when the `with` block ends."""
+    return closing(ServerDB(data_dir / "server.db", box=box))
 
 
 def private_files() -> None:
@@ -68,10 +74,9 @@ def serve_command(
         data_dir=data_dir.resolve(), allow_dirs=[d.resolve() for d in allow_dir], max_running=max_jobs,
         secret_keys=keys, max_streams_per_user=max_streams_per_user, webhook_allow=webhook_allow,
     )
-    db = ServerDB(config.data_dir / "server.db")
-    if not any(u.is_operator for u in db.list_users()):
-        logs.log.warning(f"No operator yet: run `backfill users add NAME --role operator --data-dir {data_dir}`.")
-    db.close()
+    with _open_db(config.data_dir) as db:
+        if not any(u.is_operator for u in db.list_users()):
+            logs.log.warning(f"No operator yet: run `backfill users add NAME --role operator --data-dir {data_dir}`.")
     app = create_app(config)
 
     class Server(uvicorn.Server):
@@ -95,13 +100,10 @@ def users_add(
 ) -> None:
     """Add a user and print their API token (shown once; only its hash is stored)."""
     private_files()
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         from backfill.server import auth
 
         _, token = auth.add_user(db, name, role)
-    finally:
-        db.close()
     err.print(f"user {name} ({role}) added; their token (shown once):", highlight=False)
     print(token)
 
@@ -109,13 +111,10 @@ def users_add(
 @users_app.command("list")
 def users_list(data_dir: Path = DataDir) -> None:
     """The users, their roles, weights and quotas."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         table = Table("user", "role", "weight", "max jobs", "USD/day", "USD/month")
         for u in db.list_users():
             table.add_row(u.name, u.role, f"{u.weight:g}", _opt(u.max_jobs), _opt(u.usd_per_day), _opt(u.usd_per_month))
-    finally:
-        db.close()
     out.print(table)
 
 
@@ -144,8 +143,7 @@ def users_set(
     unknown = [c for c in clear if c not in Caps.model_fields and c != "max_jobs"]
     if unknown:
         raise BackfillError(f"There is no cap {unknown[0]}; use one of: {', '.join([*Caps.model_fields, 'max_jobs'])}.")
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         user = db.get_user(name)
         if user is None:
             raise BackfillError(f"There is no user {name}; `backfill users list` shows them.")
@@ -156,33 +154,25 @@ def users_set(
             changes["max_jobs"] = max_jobs
         db.update_user(name, **changes)
         shown = ", ".join(f"{k}={v}" for k, v in caps.model_dump(exclude_none=True).items()) or "none (the server's apply)"
-    finally:
-        db.close()
     err.print(f"user {name}: caps {shown}", highlight=False)
 
 
 @users_app.command("remove")
 def users_remove(name: str = typer.Argument(...), data_dir: Path = DataDir) -> None:
     """Remove a user: their token stops working; their queued jobs are cancelled."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         if not db.remove_user(name):
             raise BackfillError(f"There is no user {name}; `backfill users list` shows them.")
-    finally:
-        db.close()
     err.print(f"user {name} removed")
 
 
 @users_app.command("token")
 def users_token(name: str = typer.Argument(...), data_dir: Path = DataDir) -> None:
     """Give a user a new token (the old one stops working) and print it once."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         from backfill.server import auth
 
         token = auth.rotate_token(db, name)
-    finally:
-        db.close()
     print(token)
 
 
@@ -241,16 +231,13 @@ def credentials_add(
         key = sys.stdin.readline().strip()
         if not key:
             raise BackfillError("No key on standard input; pipe it in, pass --key-env VAR, or --no-key.")
-    db = ServerDB(data_dir / "server.db", box=_box(secret_key_file) if key is not None else None)
-    try:
+    with _open_db(data_dir, box=_box(secret_key_file) if key is not None else None) as db:
         missing = [u for u in grant if db.get_user(u) is None]
         if missing:
             raise BackfillError(f"There is no user {missing[0]}; `backfill users list` shows them.")
         db.put_credential(name, provider, base_url, key, show_base_url=show_base_url, cache_shared=shared_cache, prices=_prices(price))
         for user in grant:
             db.grant(name, user)
-    finally:
-        db.close()
     who = f"granted to {', '.join(grant)}" if grant else f"grant it with `backfill credentials grant {name} USER`"
     err.print(f"credential {name} ({provider}) stored; {who}", highlight=False)
 
@@ -258,53 +245,41 @@ def credentials_add(
 @credentials_app.command("list")
 def credentials_list(data_dir: Path = DataDir) -> None:
     """The credentials, who may use them, and whether their cache is shared (never their keys)."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         table = Table("credential", "provider", "base URL", "users", "cache", "base URL shown")
         for c in db.list_credentials():
             table.add_row(c.name, c.provider, c.base_url or "-", ", ".join(db.grantees(c.name)) or "-",
                           "shared" if c.cache_shared else "per user", "yes" if c.show_base_url else "no")
-    finally:
-        db.close()
     out.print(table)
 
 
 @credentials_app.command("remove")
 def credentials_remove(name: str = typer.Argument(...), data_dir: Path = DataDir) -> None:
     """Remove a credential and its grants; jobs on it fail at their next start."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         if not db.remove_credential(name):
             raise BackfillError(f"There is no credential {name}; `backfill credentials list` shows them.")
-    finally:
-        db.close()
     err.print(f"credential {name} removed")
 
 
 @credentials_app.command("grant")
 def credentials_grant(name: str = typer.Argument(...), user: str = typer.Argument(...), data_dir: Path = DataDir) -> None:
     """Let a user name a credential in their jobs."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         if not any(c.name == name for c in db.list_credentials()):
             raise BackfillError(f"There is no credential {name}; `backfill credentials list` shows them.")
         if db.get_user(user) is None:
             raise BackfillError(f"There is no user {user}; `backfill users list` shows them.")
         db.grant(name, user)
-    finally:
-        db.close()
     err.print(f"credential {name} granted to {user}")
 
 
 @credentials_app.command("revoke")
 def credentials_revoke(name: str = typer.Argument(...), user: str = typer.Argument(...), data_dir: Path = DataDir) -> None:
     """Stop a user from naming a credential."""
-    db = ServerDB(data_dir / "server.db")
-    try:
+    with _open_db(data_dir) as db:
         if not db.revoke(name, user):
             raise BackfillError(f"The credential {name} is not granted to {user}; `backfill credentials list` shows who has it.")
-    finally:
-        db.close()
     err.print(f"credential {name} revoked from {user}")
 
 
@@ -320,11 +295,8 @@ def credentials_rotate_key(secret_key_file: Path | None = SecretKeyFile, data_di
     (NEW,OLD), run this with the server stopped, then keep only the new key."""
     private_files()
     box = _box(secret_key_file)
-    db = ServerDB(data_dir / "server.db", box=box)
-    try:
+    with _open_db(data_dir, box=box) as db:
         n = db.rotate_keys(box)
-    finally:
-        db.close()
     err.print(f"{n} provider key(s) re-encrypted under the first secret key; the others can be removed now.")
 
 

@@ -344,6 +344,11 @@ class ServerDB:
     def granted(self, credential: str, user: str) -> bool:
         return self._db.execute("SELECT 1 FROM grants WHERE credential = ? AND user = ?", (credential, user)).fetchone() is not None
 
+    def may_use(self, credential: str, user: str) -> bool:
+        """Whether `user` may run jobs on `credential`: operators always, others once granted."""
+        found = self.get_user(user)
+        return found is not None and (found.is_operator or self.granted(credential, user))
+
     def grantees(self, credential: str) -> list[str]:
         return [r[0] for r in self._db.execute("SELECT user FROM grants WHERE credential = ? ORDER BY user", (credential,))]
 

@@ -19,12 +19,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 DOCS_ASSETS = "/docs-assets"
 # Everything from this origin only; no inline script, no framing by another site.
 _POLICY = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-_HEADERS = {
+_ALL_HEADERS = {
+    "Content-Security-Policy": _POLICY,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-_ALL_HEADERS = {"Content-Security-Policy": _POLICY, **_HEADERS}
 
 
 def _docs_page(openapi_url: str, title: str) -> tuple[bytes, str]:

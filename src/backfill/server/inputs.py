@@ -50,6 +50,10 @@ def resolve_allowed(path: str, allow_dirs: list[Path]) -> str:
     raise SpecError(f"The input path {path} is outside the directories this server allows; upload the file or ask an operator.")
 
 
+def upload_too_large(max_bytes: int) -> HTTPException:
+    return HTTPException(413, f"The upload is over your cap max_upload_bytes = {max_bytes:,}; send a smaller file or ask an operator.")
+
+
 async def save_upload(
     db: ServerDB, data_dir: Path, owner: str, filename: str, chunks: AsyncIterator[bytes], max_bytes: int | None = None
 ) -> Upload:
@@ -67,7 +71,7 @@ async def save_upload(
             async for chunk in chunks:
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
-                    raise HTTPException(413, f"The upload is over your cap max_upload_bytes = {max_bytes:,}; send a smaller file or ask an operator.")
+                    raise upload_too_large(max_bytes)
                 f.write(chunk)
         os.replace(tmp, path)
     finally:

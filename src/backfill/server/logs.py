@@ -29,11 +29,6 @@ def scrub(text: str) -> str:
     return _TOKEN.sub("bf_" + MASK, _SECRET_PARAM.sub(r"\1" + MASK, text))
 
 
-def scrub_path(path: str) -> str:
-    """A request's path and query for the access log: secret-named parameters' values masked."""
-    return scrub(path)
-
-
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -60,7 +55,7 @@ class AccessFields(logging.Filter):
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
             client, method, path, version, status = args
-            path = scrub_path(str(path))
+            path = scrub(str(path))
             record.args = (client, method, path, version, status)
             record.client, record.method, record.path, record.status = client, method, path, status
         return True

@@ -119,6 +119,11 @@ def cache_scope(owner: str, cred: Credential | None) -> str:
     return f"credential:{cred.name}|owner:{owner}"
 
 
+def cache_shared(scope: str) -> bool:
+    """Whether a scope from `cache_scope` is a credential's team-wide cache."""
+    return scope.startswith("credential:") and "|owner:" not in scope
+
+
 def operator_prices(settings: Settings, cred: Credential | None) -> dict[str, Any]:
     """The table the server bills by: the server-wide prices, then the credential's own."""
     prices = {m: p.model_dump() for m, p in settings.prices.items()}
@@ -360,7 +365,7 @@ class Scheduler:
         if job.credential is None:
             return None
         cred = self.db.get_credential(job.credential)
-        if cred is None or not self.db.granted(cred.name, job.owner):
+        if cred is None or not self.db.may_use(cred.name, job.owner):
             raise BackfillError(f"The credential {job.credential} was removed or revoked; ask an operator to grant it, then resume the job.")
         return cred
 

@@ -430,8 +430,9 @@ class Store:
         *,
         requests: int = 0,
         rate_limited: int = 0,
-    ) -> None:
-        """Record a chunk whose rows are in the sink, with its dead letters and the request counts since the last one, in one transaction."""
+    ) -> int:
+        """Record a chunk whose rows are in the sink, with its dead letters and the request counts since the last one, in one transaction;
+        returns the rows this adds to the job's done rows (a chunk done again adds only the difference)."""
         self.flush()
         now = time.time()
         with self._transaction():
@@ -453,6 +454,7 @@ class Store:
                 " rate_limited = rate_limited + ?, updated = ? WHERE id = ?",
                 (d_ok, d_failed, requests, rate_limited, now, job_id),
             )
+        return d_ok + d_failed
 
     def chunk_rows(self, job_id: str, chunk_indexes: Iterable[int]) -> tuple[int, int]:
         """Rows ok and failed that the ledger counts for these done chunks."""
